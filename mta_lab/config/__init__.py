@@ -1,0 +1,38 @@
+"""Typed configuration (OmegaConf structured dataclasses). Imports no torch: every layer may use it."""
+
+from mta_lab.config.loading import ConfigError, load_config, preset_names, resolved_yaml
+from mta_lab.config.model import (
+    ConfigFieldError,
+    DepthScaling,
+    GateKind,
+    HeadMixConfig,
+    InitStdFactor,
+    KernelInit,
+    KeyPadding,
+    LayerSelection,
+    ModelConfig,
+    MTAConfig,
+    OutNormConfig,
+    QKConvConfig,
+)
+from mta_lab.config.run import RunConfig
+
+__all__ = [
+    "ConfigError",
+    "ConfigFieldError",
+    "DepthScaling",
+    "GateKind",
+    "HeadMixConfig",
+    "InitStdFactor",
+    "KernelInit",
+    "KeyPadding",
+    "LayerSelection",
+    "MTAConfig",
+    "ModelConfig",
+    "OutNormConfig",
+    "QKConvConfig",
+    "RunConfig",
+    "load_config",
+    "preset_names",
+    "resolved_yaml",
+]

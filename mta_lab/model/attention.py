@@ -1,0 +1,100 @@
+"""Causal self-attention with the Multi-Token Attention stages (spec 1.1).
+
+One module serves every variant: with no stage on it is plain attention through
+``scaled_dot_product_attention``; talking heads and MTA switch stages on. Stages that work on the
+(query, key) map run on an explicit score map (the reference path). A fused kernel can later take
+over that path behind this same module, configs unchanged.
+
+Shape legend: b batch, t positions, h query heads, n key/value heads, d head dim,
+q query positions, k key positions (q = k = t).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mta_lab.config import ModelConfig, MTAConfig
+from mta_lab.model.layers import apply_rope, at_least_fp32
+from mta_lab.model.mechanisms import HeadMix, HeadOutNorm, QKConv
+from mta_lab.model.plan import LayerPlan
+
+logger = logging.getLogger(__name__)
+
+
+class Attention(nn.Module):
+    """One layer's attention: q, k, v projections with RoPE, then either SDPA or the score-map path
+    with this layer's MTA stages, then the optional per-head output norm and the output projection."""
+
+    def __init__(self, config: ModelConfig, plan: LayerPlan):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+        mta = plan.mta or MTAConfig()  # all stages off
+        self.pre_qk_conv = QKConv(mta.pre_qk_conv, self.n_heads) if mta.pre_qk_conv else None
+        self.pre_head_mix = HeadMix(mta.pre_head_mix, self.n_heads) if mta.pre_head_mix else None
+        self.post_qk_conv = QKConv(mta.post_qk_conv, self.n_heads) if mta.post_qk_conv else None
+        self.post_head_mix = HeadMix(mta.post_head_mix, self.n_heads) if mta.post_head_mix else None
+        self.out_norm = (
+            HeadOutNorm(mta.out_norm, self.head_dim, plan.out_norm_scale) if mta.out_norm else None
+        )
+        self.uses_score_map = plan.uses_score_map
+        logger.info("layer %d: %s", plan.layer_id, plan.describe())
+
+    def forward(self, x_btd: torch.Tensor, cos_tf: torch.Tensor, sin_tf: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x_btd.shape
+        q_bthd = apply_rope(self.wq(x_btd).view(b, t, self.n_heads, self.head_dim), cos_tf, sin_tf)
+        k_btnd = apply_rope(self.wk(x_btd).view(b, t, self.n_kv_heads, self.head_dim), cos_tf, sin_tf)
+        v_btnd = self.wv(x_btd).view(b, t, self.n_kv_heads, self.head_dim)
+        q_bhtd, k_bntd, v_bntd = (x.transpose(1, 2) for x in (q_bthd, k_btnd, v_btnd))
+
+        if self.uses_score_map:
+            out_bhtd = self._score_map_attention(q_bhtd, k_bntd, v_bntd)
+        else:
+            out_bhtd = F.scaled_dot_product_attention(
+                q_bhtd,
+                k_bntd,
+                v_bntd,
+                is_causal=True,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        out_bthd = out_bhtd.transpose(1, 2)
+        if self.out_norm is not None:
+            out_bthd = self.out_norm(out_bthd)
+        return self.wo(out_bthd.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _score_map_attention(
+        self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor
+    ) -> torch.Tensor:
+        """The reference MTA path: materialises (b, h, q, k) maps; the mask stays (q, k)."""
+        t = q_bhtd.shape[2]
+        # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads, and every MTA
+        # kernel is per query head, so keys and values are repeated first (spec 1.8).
+        k_bhtd = k_bntd.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        v_bhtd = v_bntd.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        future_qk = torch.ones(t, t, dtype=torch.bool, device=q_bhtd.device).triu(1)
+
+        # Scale before the convolution, as the official code does (spec 1.1 step 5).
+        scores_bhqk = (q_bhtd @ k_bhtd.transpose(-2, -1)) * self.head_dim**-0.5
+        if self.pre_qk_conv is not None:  # Eq. 5: Conv(Mask_0(scores))
+            scores_bhqk = self.pre_qk_conv(scores_bhqk.masked_fill(future_qk, 0.0))
+        if self.pre_head_mix is not None:
+            scores_bhqk = self.pre_head_mix(scores_bhqk)
+        # Softmax in >= fp32 (spec 1.1 step 8); masked entries become exact zeros.
+        probs_bhqk = torch.softmax(at_least_fp32(scores_bhqk.masked_fill(future_qk, float("-inf"))), dim=-1)
+        probs_bhqk = probs_bhqk.type_as(q_bhtd)
+        if self.post_qk_conv is not None:  # Eq. 6: Mask_0(Conv(probs)); rows are not renormalised
+            probs_bhqk = self.post_qk_conv(probs_bhqk).masked_fill(future_qk, 0.0)
+        if self.post_head_mix is not None:
+            probs_bhqk = self.post_head_mix(probs_bhqk)
+        probs_bhqk = F.dropout(probs_bhqk, p=self.dropout, training=self.training)
+        return probs_bhqk @ v_bhtd

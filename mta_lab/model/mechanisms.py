@@ -1,0 +1,90 @@
+"""The Multi-Token Attention stages that act on a score map or on the heads' outputs.
+
+Shape legend: b batch, h query heads, q query positions, k key positions, g head groups,
+c heads per group (c_h), d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mta_lab.config import GateKind, HeadMixConfig, OutNormConfig, QKConvConfig
+from mta_lab.model import init
+from mta_lab.model.layers import RMSNorm
+
+
+class QKConv(nn.Module):
+    """Key-query convolution: depthwise 2-D convolution of each head's (query, key) map (spec 1.2).
+
+    out[i, j] = sum_{a, b} W[a, b] * A[i + a - (c_q - 1), j + b - l], with l the left key padding and
+    out-of-range terms 0. Row a = c_q - 1 of the kernel is the current query (query padding is
+    causal: only past queries); with ``both`` padding column (c_k - 1) / 2 is the same key. This is
+    the official code's orientation: the paper's theta flipped in both axes.
+
+    The input's future entries (key > query) must already be 0 (Mask_0 of Eq. 5); the output's are
+    meaningless and the caller masks them.
+    """
+
+    def __init__(self, config: QKConvConfig, n_heads: int):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(
+            torch.empty(n_heads, config.query_kernel, config.key_kernel)
+        )  # h, c_q, c_k
+        left = config.left_pad
+        # F.pad order: (key left, key right, query top, query bottom).
+        self.padding = (left, config.key_kernel - 1 - left, config.query_kernel - 1, 0)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.qk_kernel_(self.weight, self.config)
+
+    def forward(self, maps_bhqk: torch.Tensor) -> torch.Tensor:
+        padded_bhqk = F.pad(maps_bhqk, self.padding)
+        kernel_h1qk = self.weight.unsqueeze(1).to(maps_bhqk.dtype)
+        return F.conv2d(padded_bhqk, kernel_h1qk, groups=self.weight.shape[0])
+
+
+class HeadMix(nn.Module):
+    """Head mixing within contiguous groups of c_h heads (spec 1.3, Eq. 7):
+    new[g, o] = sum_i W[g, o, i] * A[g, i] at every (query, key).
+
+    The weight is [group, out, in] like nn.Linear; the official head convolution stores [in, out],
+    so ported kernels are transposed. c_h = n_heads is the official full linear mix.
+    """
+
+    def __init__(self, config: HeadMixConfig, n_heads: int):
+        super().__init__()
+        size = config.size(n_heads)
+        self.weight = nn.Parameter(torch.empty(n_heads // size, size, size))  # g, c_out, c_in
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.eye_(self.weight)
+
+    def forward(self, maps_bhqk: torch.Tensor) -> torch.Tensor:
+        b, h, q, k = maps_bhqk.shape
+        groups, size, _ = self.weight.shape
+        maps_bgcx = maps_bhqk.reshape(b, groups, size, q * k)
+        mixed_bgcx = self.weight.to(maps_bhqk.dtype) @ maps_bgcx
+        return mixed_bgcx.reshape(b, h, q, k)
+
+
+class HeadOutNorm(nn.Module):
+    """Per-head RMSNorm over head_dim (one weight shared by all heads), a fixed depth factor, then a
+    sigmoid gate computed from the normalised output (spec 1.5)."""
+
+    def __init__(self, config: OutNormConfig, head_dim: int, depth_scale: float):
+        super().__init__()
+        self.rms = RMSNorm(head_dim, config.eps, scale=depth_scale) if config.norm else None
+        gate_dim = {GateKind.none: 0, GateKind.scalar: 1, GateKind.elementwise: head_dim}[config.gate]
+        self.gate = nn.Linear(head_dim, gate_dim) if gate_dim else None
+
+    def forward(self, out_bthd: torch.Tensor) -> torch.Tensor:
+        if self.rms is not None:
+            out_bthd = self.rms(out_bthd)
+        if self.gate is not None:
+            out_bthd = out_bthd * torch.sigmoid(self.gate(out_bthd))
+        return out_bthd

@@ -1,0 +1,41 @@
+"""Parameter counts by component; works on meta-device models (nothing allocated)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import nn
+
+# Module attribute name -> component, matched from the innermost module outwards.
+COMPONENTS = {
+    "tok_embeddings": "embedding",
+    "output": "output projection",
+    "wq": "attention projections",
+    "wk": "attention projections",
+    "wv": "attention projections",
+    "wo": "attention projections",
+    "w1": "feed-forward",
+    "w2": "feed-forward",
+    "w3": "feed-forward",
+    "attention_norm": "block norms",
+    "ffn_norm": "block norms",
+    "norm": "block norms",
+    "pre_qk_conv": "pre_qk_conv",
+    "pre_head_mix": "pre_head_mix",
+    "post_qk_conv": "post_qk_conv",
+    "post_head_mix": "post_head_mix",
+    "rms": "out_norm",
+    "gate": "out_norm gate",
+}
+MTA_COMPONENTS = ("pre_qk_conv", "pre_head_mix", "post_qk_conv", "post_head_mix", "out_norm", "out_norm gate")
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per component (shared tensors counted once), in a fixed display order."""
+    counts: Counter[str] = Counter()
+    for name, parameter in model.named_parameters():
+        modules = name.split(".")[:-1]
+        component = next((COMPONENTS[m] for m in reversed(modules) if m in COMPONENTS), "other")
+        counts[component] += parameter.numel()
+    order = list(dict.fromkeys(COMPONENTS.values())) + ["other"]
+    return {component: counts[component] for component in order if counts[component]}

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import torch
+
+from mta_lab.config import GateKind, HeadMixConfig, MTAConfig, OutNormConfig, QKConvConfig
+from mta_lab.model import Attention, plan_layers
+from mta_lab.model.layers import rope_tables
+
+MTA_STAGES = ("pre_qk_conv", "pre_head_mix", "post_qk_conv", "post_head_mix")
+
+
+def build_attention(config, layer_id: int = 0, dtype=torch.float64) -> Attention:
+    """The attention module of one layer of ``config``, on CPU."""
+    return Attention(config, plan_layers(config)[layer_id]).to(dtype)
+
+
+def run_attention(layer: Attention, x_btd: torch.Tensor, rope_theta: float) -> torch.Tensor:
+    cos, sin = rope_tables(x_btd.shape[1], layer.head_dim, rope_theta, x_btd.device)
+    return layer(x_btd, cos, sin)
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.5) -> None:
+    """Give every parameter random values (kernels and mixing weights far from identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in module.parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+def every_stage_mta(conv: QKConvConfig, gate: GateKind = GateKind.scalar) -> MTAConfig:
+    """Every MTA stage on: grouped (c_h=2) mixing before softmax, full mixing after, norm and gate."""
+    return MTAConfig(
+        pre_qk_conv=conv,
+        pre_head_mix=HeadMixConfig(group_size=2),
+        post_qk_conv=conv,
+        post_head_mix=HeadMixConfig(),
+        out_norm=OutNormConfig(gate=gate),
+    )

@@ -1,0 +1,75 @@
+"""The mta-lab command: info prints the counts; bad input is one stderr line and exit code 2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mta_lab.cli import main
+
+
+@pytest.mark.parametrize(
+    ("preset", "total"),
+    [
+        ("paper-830m-baseline", "876,553,728"),
+        ("paper-830m-talking-heads", "876,566,016"),
+        ("paper-830m-mta", "876,583,320"),
+    ],
+)
+def test_info_prints_resolved_config_and_counts(preset, total, capsys):
+    assert main(["info", preset]) == 0
+    out = capsys.readouterr().out
+    assert "n_layers: 24" in out and "vocab_size: 128256" in out
+    assert total in out.split("total")[1].splitlines()[0]
+
+
+def test_info_shows_the_layer_plan(capsys):
+    assert main(["info", "paper-830m-mta"]) == 0
+    out = capsys.readouterr().out
+    assert "2, 6, 10, 14, 18, 22" in out and "6x11" in out and "norm+scalar gate" in out
+
+
+def test_overrides_after_options(capsys):
+    assert main(["check", "tiny", "--steps", "2", "model.mta=null", "--seq-len", "16"]) == 0
+    assert "loss" in capsys.readouterr().out
+
+
+def test_check_trains_the_tiny_preset(capsys):
+    assert main(["check", "tiny", "--steps", "5", "--seq-len", "32"]) == 0
+    assert "ok: loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info", "tiny", "model.mta.pre_qk_conv.key_kernel=4"],
+        ["info", "no-such-preset"],
+        ["info", "tiny", "model.n_kv_heads=3"],
+        ["check", "tiny", "--seq-len", "5000"],
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(argv, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("mta-lab: error: ")
+
+
+def test_console_script_exit_code():
+    command = shutil.which("mta-lab")
+    argv = [command] if command else [sys.executable, "-m", "mta_lab.cli"]
+    result = subprocess.run(
+        [*argv, "info", "tiny", "model.mta.pre_qk_conv.key_kernel=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "mta-lab: error: override 'model.mta.pre_qk_conv.key_kernel=4': model.mta.pre_qk_conv.key_kernel: "
+        "4 is even, but key_padding=both needs an odd key_kernel (allowed: odd values, or key_padding=left|right)"
+    ]
