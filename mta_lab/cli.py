@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from mta_lab.config import ConfigError, RunConfig, load_config, preset_names, resolved_yaml
 from mta_lab.config.loading import preset_description
+from mta_lab.data.errors import DataError
 
 if TYPE_CHECKING:
     from mta_lab.model import LayerPlan
@@ -43,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)
-    except (ConfigError, UsageError) as error:
+    except (ConfigError, UsageError, DataError) as error:
         print(f"mta-lab: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -82,6 +84,41 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="seed for the weights and tokens (default 0)")
     check.set_defaults(run=_check)
 
+    train = commands.add_parser(
+        "train",
+        help="train one run and record it in MLflow",
+        description="Train a preset or YAML config end to end, with periodic evaluation, checkpoints and "
+        "one MLflow run (default store: sqlite:///mlflow.db in the working directory).",
+    )
+    train.add_argument("config", nargs="?", metavar="NAME_OR_PATH", help="a preset name or a YAML file")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50"
+    )
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
+    _add_tracking_arguments(train)
+    train.set_defaults(run=_train)
+
+    data = commands.add_parser("data", help="prepare corpora").add_subparsers(required=True, metavar="ACTION")
+    prepare = data.add_parser(
+        "prepare",
+        help="tokenize text, JSONL or Parquet into a dataset",
+        description="Tokenize text files, directories of them, JSONL (one document per line) and Parquet (one "
+        "per row) into memory-mapped train/val shards; the split is by document and deterministic. Use the "
+        "result in a run with data.corpora.NAME.path=OUT.",
+    )
+    prepare.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files or directories")
+    prepare.add_argument("--out", type=Path, required=True, help="the dataset directory to write")
+    prepare.add_argument("--tokenizer", choices=["byte", "bpe", "char"], default="byte", help="default: byte")
+    prepare.add_argument(
+        "--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary (default 4096)"
+    )
+    prepare.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default: text)")
+    prepare.add_argument("--val-fraction", type=float, default=0.05, help="documents held out (default 0.05)")
+    prepare.add_argument("--force", action="store_true", help="replace --out if it exists")
+    prepare.set_defaults(run=_prepare)
+
     presets = commands.add_parser("presets", help="list the named presets")
     presets.set_defaults(run=_presets)
     return parser
@@ -105,6 +142,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)",
+    )
+    parser.add_argument(
+        "--runs-dir", type=Path, default=Path("runs"), help="checkpoints go here (default: runs)"
+    )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -121,6 +169,72 @@ def _presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         table.add_row(name, preset_description(name))
     _console().print(table)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mta_lab.train.run import default_run_name, resume, train
+
+    if args.resume is not None:
+        if args.config or args.overrides:
+            raise UsageError("--resume takes the run's own config; give no preset or overrides with it")
+        result = resume(args.resume, tracking_uri=args.tracking_uri)
+    else:
+        if args.config is None:
+            raise UsageError("give a preset name or YAML file (see `mta-lab presets`), or --resume RUN_DIR")
+        config = _load(args)
+        run_name = config.tracking.run_name or default_run_name(args.config, args.overrides)
+        result = train(
+            config, args.config, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir, run_name=run_name
+        )
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    console = _console()
+    console.print(f"run {result.run_id}: {result.status}", highlight=False)
+    table = Table("final metric", "value", box=None)
+    for key, value in sorted(result.metrics.items()):
+        if key.count("/") == 1 or key.startswith("val/"):  # per-cell task metrics stay in MLflow
+            table.add_row(key, f"{value:.4g}")
+    console.print(table)
+    console.print(f"checkpoints: {result.run_dir}   resume: mta-lab train --resume {result.run_dir}")
+    console.print(
+        f"MLflow: {result.tracking_uri}   browse: mlflow ui --backend-store-uri {result.tracking_uri}"
+    )
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from mta_lab.config.data import TokenizerConfig, TokenizerKind
+    from mta_lab.data.datasets import prepare_dataset
+    from mta_lab.data.documents import read_documents, split_documents
+    from mta_lab.data.tokenizers import cached_bpe, fixed_tokenizer
+
+    if not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
+    documents = read_documents(args.inputs, args.text_field)
+    settings = TokenizerConfig(kind=TokenizerKind(args.tokenizer), vocab_size=args.vocab_size)
+    tokenizer = fixed_tokenizer(settings)
+    if tokenizer is None:  # BPE: learned from the training documents only
+        train_docs, _ = split_documents(documents, args.val_fraction)
+        tokenizer = cached_bpe([d.text for d in train_docs], args.vocab_size)
+    source = {
+        "inputs": [str(p) for p in args.inputs],
+        "text_field": args.text_field,
+        "documents": len(documents),
+    }
+    dataset = prepare_dataset(documents, tokenizer, args.out, args.val_fraction, source, force=args.force)
+    table = Table(
+        "split", "documents", "tokens", "bytes", title=str(args.out), title_justify="left", box=None
+    )
+    for split, info in dataset.meta["splits"].items():
+        table.add_row(split, f"{info['documents']:,}", f"{info['tokens']:,}", f"{info['bytes']:,}")
+    console = _console()
+    console.print(table)
+    console.print(
+        f"tokenizer {tokenizer.name}; train on it with: data.corpora.{args.out.name}.path={args.out}"
+    )
     return 0
 
 
@@ -183,11 +297,12 @@ def _check(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from mta_lab.model import Transformer
+    from mta_lab.train.device import training_device
 
     config = _load(args)
     if args.seq_len > config.model.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training_device()
     torch.manual_seed(args.seed)
     model = Transformer(config.model).to(device)
     tokens = torch.randint(config.model.vocab_size, (args.batch_size, args.seq_len + 1), device=device)

@@ -167,7 +167,7 @@ def test_error_names_the_file_that_set_the_bad_value(tmp_path):
     [
         ("model:\n  dim: [1\n", "not valid YAML"),
         ("- a\n- b\n", "expected a mapping"),
-        ("base: tiny\ntrainer: {}\n", "trainer: unknown key; allowed: model"),
+        ("base: tiny\ntrainer: {}\n", "trainer: unknown key; did you mean 'train'? allowed: model, data"),
         ("base: [tiny, 3]\n", "base: expected a preset name"),
         ("base: nope\n", "unknown preset 'nope'"),
     ],

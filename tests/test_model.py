@@ -172,7 +172,7 @@ def test_tiny_and_small_sizes():
 
 
 def test_sequence_longer_than_max_seq_len_is_refused():
-    model = Transformer(load_config("tiny", ["model.max_seq_len=8"]).model)
+    model = Transformer(load_config("tiny", ["model.max_seq_len=8", "data.seq_len=8"]).model)
     with pytest.raises(ValueError, match="max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mta_lab.config.model import ModelConfig
+from mta_lab.config.data import DataConfig, TasksConfig, TokenizerKind
+from mta_lab.config.model import ModelConfig, _check
+from mta_lab.config.train import EvalConfig, TrackingConfig, TrainConfig
+
+# Token ids each fixed-vocabulary tokenizer needs.
+FIXED_VOCAB = {TokenizerKind.byte: 260, TokenizerKind.char: 32}
 
 
 @dataclass
@@ -13,3 +18,67 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Tokenizer and text corpora."""
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    """Synthetic tasks mixed into training and evaluated."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimizer, schedule, budget, precision, seeds."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow experiment and run name."""
+
+    def __post_init__(self) -> None:
+        tokenizer = self.data.tokenizer
+        if (
+            tokenizer.kind in FIXED_VOCAB
+        ):  # a BPE's size is known once it is loaded (it may come with a dataset)
+            needed = FIXED_VOCAB[tokenizer.kind]
+            _check(
+                self.model.vocab_size >= needed,
+                "model.vocab_size",
+                f"{self.model.vocab_size} is smaller than the {tokenizer.kind.value} tokenizer's {needed} ids; "
+                f"set model.vocab_size={needed}",
+            )
+        longest = self.model.max_seq_len
+        _check(
+            self.data.seq_len <= longest,
+            "data.seq_len",
+            f"{self.data.seq_len} exceeds model.max_seq_len={longest}; lower it or raise model.max_seq_len",
+        )
+        tasks = self.tasks
+        if tasks.niah is not None:
+            too_long = [c for c in tasks.niah.contexts if c > longest]
+            _check(not too_long, "tasks.niah.contexts", f"{too_long} exceed model.max_seq_len={longest}")
+        if tasks.babilong is not None:
+            too_long = [d for d in tasks.babilong.distractors if d >= longest]
+            _check(
+                not too_long,
+                "tasks.babilong.distractors",
+                f"{too_long} leave no room for a story within model.max_seq_len={longest}",
+            )
+        if tasks.mqar is not None:
+            too_long = [n for n in tasks.mqar.eval_lengths if n > longest]
+            _check(not too_long, "tasks.mqar.eval_lengths", f"{too_long} exceed model.max_seq_len={longest}")
+            _check(
+                4 * tasks.mqar.pairs <= self.data.seq_len or tasks.mqar.weight == 0,
+                "tasks.mqar.pairs",
+                f"{tasks.mqar.pairs} pairs and their queries do not fit a training row of "
+                f"data.seq_len={self.data.seq_len} (need 4 * pairs <= seq_len)",
+            )
+        if tasks.toy_block is not None and tasks.toy_block.weight > 0:
+            _check(
+                tasks.toy_block.length + 1 <= self.data.seq_len,
+                "tasks.toy_block.length",
+                f"{tasks.toy_block.length} characters + BOS + EOS do not fit data.seq_len + 1 = "
+                f"{self.data.seq_len + 1} tokens",
+            )
+        weights = [c.weight for c in self.data.active_corpora().values()] + [
+            t.weight for t in tasks.enabled().values()
+        ]
+        _check(
+            sum(weights) > 0,
+            "data.corpora",
+            "nothing to train on: every corpus and task has weight 0 (give a corpus or a task a weight > 0)",
+        )

@@ -1,0 +1,1 @@
+"""Data: tokenizers, documents, prepared datasets, and the training mixture."""

@@ -1,0 +1,1 @@
+"""Training: Lightning module, data assembly, evaluation and MLflow tracking of single runs."""

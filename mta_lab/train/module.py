@@ -1,0 +1,137 @@
+"""The Lightning module: the model library's Transformer, its loss, AdamW and the schedule, and the
+metrics of a training run. Lightning stays here; ``mta_lab.model`` never sees it."""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+from mta_lab.config import RunConfig
+from mta_lab.config.train import Decay, ScheduleConfig
+from mta_lab.model import Transformer
+from mta_lab.train.evaluate import Evaluator, masked_mean_nll
+
+
+def lr_factor(step: int, total: int, schedule: ScheduleConfig) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then decay to
+    min_lr_ratio at the last step."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.decay == Decay.constant:
+        return 1.0
+    progress = min(1.0, (step - schedule.warmup_steps) / max(1, total - 1 - schedule.warmup_steps))
+    shape = 1 - progress if schedule.decay == Decay.linear else 0.5 * (1 + math.cos(math.pi * progress))
+    return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(self, config: RunConfig, total_steps: int, evaluator: Evaluator | None = None):
+        super().__init__()
+        self.config, self.total_steps, self.evaluator = config, total_steps, evaluator
+        torch.manual_seed(config.train.seed)  # the init seed; the data order has its own
+        self.model = Transformer(config.model)
+        # Compiling a separate handle keeps the state dict free of torch.compile's prefixes, so
+        # checkpoints move between compiled and eager runs.
+        self.forward_fn = torch.compile(self.model) if config.train.compile else self.model
+        self.tokens_per_row = config.data.seq_len
+        self._window_loss, self._window_steps, self._last_step = 0.0, 0, 0
+        self._step_loss: list[torch.Tensor] = []
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self.final_metrics: dict[str, float] = {}
+
+    def forward(self, inputs_bt: torch.Tensor) -> torch.Tensor:
+        return self.forward_fn(inputs_bt)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = masked_mean_nll(self(batch["inputs"]), batch["targets"], batch["mask"])
+        self._step_loss.append(loss.detach())
+        self._window_tokens += batch["inputs"].numel()
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def configure_optimizers(self):
+        optim = self.config.train.optim
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.total_steps, self.config.train.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+        self._grad_norm = torch.stack(norms).norm().item() if norms else 0.0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        step = self.global_step
+        if step == self._last_step:
+            return  # inside a gradient-accumulation window
+        self._last_step = step
+        self._window_loss += torch.stack(self._step_loss).mean().item()
+        self._window_steps += 1
+        self._step_loss = []
+        train = self.config.train
+        if step % train.log_every == 0 or step == self.total_steps:
+            self._log_train(step)
+        every = self.config.eval.every
+        if self.evaluator is not None and ((every and step % every == 0) or step == self.total_steps):
+            self._evaluate(step)
+
+    def _log_train(self, step: int) -> None:
+        elapsed = time.perf_counter() - self._window_start
+        metrics = {
+            "train/loss": self._window_loss / self._window_steps,
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "train/grad_norm": self._grad_norm,
+            "train/tokens": step * self.config.train.tokens_per_step(self.tokens_per_row),
+            "train/tokens_per_s": self._window_tokens / elapsed,
+            "sys/peak_memory_mb": peak_memory_mb(self.device),
+        }
+        self.logger.log_metrics(metrics, step=step)
+        self._window_loss, self._window_steps, self._window_tokens = 0.0, 0, 0
+        self._window_start = time.perf_counter()
+
+    def _evaluate(self, step: int) -> None:
+        autocast = self.trainer.precision_plugin.forward_context
+        metrics = self.evaluator(self.model, self.device, autocast)
+        self.logger.log_metrics(metrics, step=step)
+        self.final_metrics = metrics
+        self._window_start = time.perf_counter()  # evaluation time is not training throughput
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dropout draws from the global generators: resuming restores them for an exact replay.
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self._last_step = checkpoint["global_step"]

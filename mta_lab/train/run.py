@@ -1,0 +1,252 @@
+"""One training run, end to end: data, MLflow run, Lightning fit, checkpoints, resume, status.
+
+Order matters for bad input: the config is validated when loaded and the data here, before an
+MLflow run exists; once it exists, every way out of :func:`train` sets a terminal status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mta_lab.config import RunConfig, load_config, resolved_yaml
+from mta_lab.config.train import Precision
+from mta_lab.data.errors import DataError
+from mta_lab.data.mixture import TrainStream, collate
+from mta_lab.data.run_data import RunData, load_run_data
+from mta_lab.train.device import training_device
+from mta_lab.train.evaluate import Evaluator
+from mta_lab.train.module import LanguageModel
+from mta_lab.train.tracking import (
+    MlflowLogger,
+    RunRecord,
+    config_hash,
+    flat_params,
+    manifest,
+    resolve_tracking_uri,
+)
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    tracking_uri: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM outside Lightning's own handling: stop like Ctrl-C."""
+
+
+class MixtureData(L.LightningDataModule):
+    """The training stream, restarted at the row the restored optimizer step has reached."""
+
+    def __init__(self, run_data: RunData):
+        super().__init__()
+        self.run_data = run_data
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.run_data.config.train
+        start_row = self.trainer.global_step * train.grad_accum * train.batch_size  # after any restore
+        stream = TrainStream(self.run_data.mixture(), start_row)
+        return DataLoader(stream, batch_size=train.batch_size, collate_fn=collate, num_workers=0)
+
+
+class StepProgress(Callback):
+    """A progress bar over optimizer steps, with loss and throughput."""
+
+    def __init__(self, total_steps: int, enabled: bool):
+        self.total_steps, self.enabled, self.bar = total_steps, enabled, None
+
+    def on_train_start(self, trainer, module) -> None:
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=trainer.global_step,
+            desc="train",
+            unit="step",
+            disable=not self.enabled,
+        )
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.bar is not None and trainer.global_step > self.bar.n:
+            self.bar.update(trainer.global_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{float(trainer.callback_metrics.get('loss', float('nan'))):.3f}")
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def lightning_precision(precision: Precision, device: torch.device) -> str:
+    if precision == Precision.fp32 or (precision == Precision.auto and device.type != "cuda"):
+        return "32-true"
+    return "bf16-mixed"
+
+
+def default_run_name(source: str, overrides: list[str]) -> str:
+    return " ".join([Path(source).stem if source.endswith((".yaml", ".yml")) else source, *overrides])
+
+
+def train(
+    config: RunConfig,
+    source: str,
+    *,
+    tracking_uri: str | None = None,
+    runs_dir: Path = Path("runs"),
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train ``config`` as a new run; ``source`` is the preset or file it came from (for the record)."""
+    run_data = load_run_data(config)  # raises DataError before anything is recorded
+    device = training_device()
+    uri = resolve_tracking_uri(tracking_uri)
+    record_tags = {
+        "mta.source": source,
+        "mta.config_hash": config_hash(config),
+        **(tags or {}),
+    }
+    name = run_name or config.tracking.run_name or source
+    record = RunRecord.create(uri, config.tracking.experiment, name, record_tags)
+    run_dir = runs_dir / record.run_id
+    return _fit(config, run_data, record, run_dir, uri, device, source, resume=False, progress=progress)
+
+
+def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = True) -> RunResult:
+    """Continue a run from its last checkpoint, in the same MLflow run."""
+    info_path = run_dir / RUN_FILE
+    if not info_path.is_file():
+        raise DataError(f"{run_dir}: not a run directory (no {RUN_FILE})")
+    info = json.loads(info_path.read_text())
+    config = load_config(str(run_dir / CONFIG_FILE))
+    run_data = load_run_data(config)
+    device = training_device()
+    uri = tracking_uri or info["tracking_uri"]
+    record = RunRecord.reopen(uri, info["run_id"])
+    return _fit(
+        config, run_data, record, run_dir, uri, device, info["source"], resume=True, progress=progress
+    )
+
+
+def _fit(
+    config: RunConfig,
+    run_data: RunData,
+    record: RunRecord,
+    run_dir: Path,
+    uri: str,
+    device: torch.device,
+    source: str,
+    *,
+    resume: bool,
+    progress: bool,
+) -> RunResult:
+    status, module = "FAILED", None
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not resume:
+            _record_start(config, record, run_dir, uri, device, source)
+        # A run killed before its first checkpoint starts over, in the same MLflow run.
+        checkpoint = last if resume and last.is_file() else None
+
+        total_steps = config.train.total_steps(config.data.seq_len)
+        eval_batch = config.eval.batch_size or config.train.batch_size
+        module = LanguageModel(config, total_steps, Evaluator(run_data, config.eval.batches, eval_batch))
+        with warnings.catch_warnings():
+            _quiet_lightning()
+            trainer = _trainer(config, total_steps, record, run_dir, device, progress)
+            trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
+        trainer.save_checkpoint(last)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit) as error:
+        status = "KILLED"
+        record.set_tags({"mta.stopped": type(error).__name__})
+        raise
+    except BaseException as error:
+        # Lightning turns SIGTERM into its own exception type; it is an interruption, not a failure.
+        status = "KILLED" if type(error).__name__ == "SIGTERMException" else "FAILED"
+        record.set_tags({"mta.error": f"{type(error).__name__}: {error}"[:5000]})
+        record.log_text(traceback.format_exc(), "error.txt")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        record.end(status)
+    return RunResult(record.run_id, run_dir, uri, status, module.final_metrics if module else {})
+
+
+def _record_start(config: RunConfig, record: RunRecord, run_dir: Path, uri: str, device, source: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    facts = manifest(config, device, source)
+    (run_dir / CONFIG_FILE).write_text(resolved_yaml(config))
+    (run_dir / "manifest.json").write_text(json.dumps(facts, indent=2) + "\n")
+    info = {"run_id": record.run_id, "tracking_uri": uri, "source": source}
+    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    record.log_params(flat_params(config))
+    git_tags = {"mlflow.source.git.commit": facts["git_commit"]} if facts["git_commit"] else {}
+    record.set_tags({"mta.run_dir": str(run_dir.resolve()), "mta.device": facts["device"], **git_tags})
+    record.log_text(resolved_yaml(config), CONFIG_FILE)
+    record.log_text(json.dumps(facts, indent=2) + "\n", "manifest.json")
+
+
+def _trainer(config: RunConfig, total_steps: int, record: RunRecord, run_dir: Path, device, progress: bool):
+    train = config.train
+    callbacks: list[Callback] = [StepProgress(total_steps, progress)]
+    if train.checkpoint_every is not None:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                every_n_train_steps=train.checkpoint_every,
+                save_top_k=0,
+                save_last=True,
+            )
+        )
+    return L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=lightning_precision(train.precision, device),
+        max_steps=total_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=train.grad_accum,
+        gradient_clip_val=train.grad_clip,
+        logger=MlflowLogger(record),
+        callbacks=callbacks,
+        enable_checkpointing=train.checkpoint_every is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=run_dir,
+    )
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted()
+
+
+def _quiet_lightning() -> None:
+    """Lightning's notices about hardware and loaders are noise in this setting."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for message in (
+        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*does not have many workers.*",
+        ".*resuming from a checkpoint that ended before the epoch ended.*",
+        ".*Checkpoint directory .* exists and is not empty.*",
+        ".*`training_step` returned `None`.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)

@@ -1,0 +1,178 @@
+"""MLflow records of training runs.
+
+One training run is one MLflow run: the flattened resolved config as params, metrics per step, the
+resolved config YAML and a manifest (config hash, git commit and dirty flag, package versions,
+device) as artifacts. The run's terminal status (FINISHED, FAILED, KILLED) is set by the code that
+owns the run, in a ``finally``, so no run is left RUNNING by an error or an interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from mta_lab.config import RunConfig, resolved_yaml
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""An SQLite file in the working directory: what `mlflow ui` and `mta-lab ui` open by default."""
+PACKAGES = ("mta-lab", "torch", "lightning", "mlflow", "optuna", "omegaconf", "polars", "numpy", "tokenizers")
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def quiet_mlflow() -> None:
+    """MLflow's store migrations and client notices are not the user's business."""
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def flat_params(config: RunConfig) -> dict[str, str]:
+    """The resolved config as dotted keys, e.g. ``model.mta.pre_qk_conv.key_kernel``."""
+    flat: dict[str, str] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True), "")
+    return flat
+
+
+def config_hash(config: RunConfig) -> str:
+    """Identity of what a run does: sha256 of its resolved YAML (16 hex digits)."""
+    return hashlib.sha256(resolved_yaml(config).encode()).hexdigest()[:16]
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout mta_lab runs from; (None, None) for an installed package."""
+    source = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(
+                ["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda {torch.version.cuda})"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def manifest(config: RunConfig, device: torch.device, source: str) -> dict:
+    commit, dirty = git_state()
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "config_hash": config_hash(config),
+        "config_source": source,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "packages": versions,
+        "python": sys.version.split()[0],
+        "device": describe_device(device),
+        "hostname": socket.gethostname(),
+        "command": sys.argv,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class RunRecord:
+    """One MLflow run, created for a new training run or reopened to resume one."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> RunRecord:
+        quiet_mlflow()
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        return cls(client, run.info.run_id)
+
+    @classmethod
+    def reopen(cls, tracking_uri: str, run_id: str) -> RunRecord:
+        quiet_mlflow()
+        client = MlflowClient(tracking_uri)
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = [Param(key, value[:6000]) for key, value in params.items()]
+        for first in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=items[first : first + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for first in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[first : first + 1000])
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class MlflowLogger(Logger):
+    """Lightning's view of a :class:`RunRecord`: metrics only; params, artifacts and the run's status
+    belong to the code that owns the run."""
+
+    def __init__(self, record: RunRecord):
+        super().__init__()
+        self.record = record
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.record.run_id
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.record.log_metrics(metrics, step or 0)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Params are the flattened config, logged once by the run's owner."""
