@@ -119,6 +119,28 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="replace --out if it exists")
     prepare.set_defaults(run=_prepare)
 
+    bench = commands.add_parser("bench", help="measure speed").add_subparsers(required=True, metavar="WHAT")
+    bench_train = bench.add_parser(
+        "train",
+        help="training tokens/s and peak memory: baseline vs talking heads vs MTA",
+        description="Time AdamW steps of each preset's model on random tokens (its own batch and sequence "
+        "length), as plain attention, talking heads and MTA, each in a fresh process. Prints a table; "
+        "ratios are to the baseline of the same preset.",
+    )
+    bench_train.add_argument("presets", nargs="*", default=["tiny", "small"], metavar="PRESET")
+    bench_train.add_argument("--variants", default="baseline,talking-heads,mta", help="comma-separated")
+    bench_train.add_argument("--steps", type=_positive_int, default=20, help="timed steps (default 20)")
+    bench_train.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    bench_train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every preset, e.g. --set train.batch_size=4",
+    )
+    bench_train.set_defaults(run=_bench_train)
+
     presets = commands.add_parser("presets", help="list the named presets")
     presets.set_defaults(run=_presets)
     return parser
@@ -203,6 +225,59 @@ def _print_result(result) -> None:
     console.print(
         f"MLflow: {result.tracking_uri}   browse: mlflow ui --backend-store-uri {result.tracking_uri}"
     )
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from mta_lab.train.bench import VARIANTS, measure_isolated, variant_config
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise UsageError(f"--variants: unknown {', '.join(unknown)} (allowed: {', '.join(VARIANTS)})")
+    for preset in args.presets:  # check every config before spending time on any
+        for variant in variants:
+            variant_config(preset, variant, args.overrides)
+    console = _console()
+    table = Table(
+        "preset",
+        "variant",
+        "params",
+        "batch x seq",
+        "tokens/s",
+        "ms/step",
+        "peak MB",
+        "speed vs base",
+        "memory vs base",
+        title="Training throughput",
+        title_justify="left",
+        box=None,
+    )
+    device = ""
+    for preset in args.presets:
+        base = None
+        for variant in variants:
+            with console.status(f"{preset} {variant} ..."):
+                m = measure_isolated(preset, variant, args.overrides, args.steps, args.warmup)
+            base = base or (m if variant == "baseline" else None)
+            device = m.device
+            table.add_row(
+                preset,
+                variant,
+                f"{m.parameters:,}",
+                f"{m.batch} x {m.seq_len}",
+                f"{m.tokens_per_s:,.0f}",
+                f"{m.step_ms:.1f}",
+                f"{m.peak_mb:,.0f}",
+                f"{m.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-",
+                f"{m.peak_mb / base.peak_mb:.2f}x" if base else "-",
+            )
+    console.print(table)
+    console.print(
+        f"device: {device}; {args.steps} timed steps after {args.warmup} warm-up steps; peak MB is "
+        "GPU memory allocated on CUDA, the process's peak resident memory on CPU",
+        highlight=False,
+    )
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from mta_lab.config import GateKind, HeadMixConfig, MTAConfig, OutNormConfig, QKConvConfig
@@ -36,3 +39,9 @@ def every_stage_mta(conv: QKConvConfig, gate: GateKind = GateKind.scalar) -> MTA
         post_head_mix=HeadMixConfig(),
         out_norm=OutNormConfig(gate=gate),
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tokenized corpora and trained tokenizers go to a per-session cache, not the user's."""
+    os.environ["MTA_LAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))

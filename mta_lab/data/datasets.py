@@ -169,7 +169,7 @@ def _write_split(
     )
     for first in range(0, len(docs), batch):
         chunk = docs[first : first + batch]
-        for doc, ids in zip(chunk, tokenizer.encode_many([d.text for d in chunk]), strict=True):
+        for doc, ids in zip(chunk, _encode(tokenizer, chunk), strict=True):
             row = np.asarray([tokenizer.bos, *ids, tokenizer.eos], dtype=np.int64)
             buffer.append(row)
             buffered += len(row)
@@ -181,6 +181,18 @@ def _write_split(
     bar.close()
     flush()
     return {"documents": len(docs), "tokens": tokens, "bytes": n_bytes, "shards": shards}
+
+
+def _encode(tokenizer: Tokenizer, docs: list[Document]) -> list[list[int]]:
+    try:
+        return tokenizer.encode_many([d.text for d in docs])
+    except ValueError:
+        for doc in docs:  # find the document to name
+            try:
+                tokenizer.encode(doc.text)
+            except ValueError as error:
+                raise DataError(f"{doc.id}: {error}") from None
+        raise
 
 
 def builtin_dataset(

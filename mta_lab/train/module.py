@@ -4,12 +4,10 @@ metrics of a training run. Lightning stays here; ``mta_lab.model`` never sees it
 from __future__ import annotations
 
 import math
-import random
 import resource
 import time
 
 import lightning.pytorch as L
-import numpy as np
 import torch
 
 from mta_lab.config import RunConfig
@@ -117,21 +115,17 @@ class LanguageModel(L.LightningModule):
         self._window_start = time.perf_counter()  # evaluation time is not training throughput
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Dropout draws from the global generators: resuming restores them for an exact replay.
+        # Dropout draws from torch's global generators: resuming restores them for an exact replay.
+        # (Data and tasks use their own seeded generators; nothing else is random in training.)
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rng = checkpoint.get("rng")
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
         self._last_step = checkpoint["global_step"]
+        rng = checkpoint.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -65,7 +66,15 @@ class MixtureData(L.LightningDataModule):
         train = self.run_data.config.train
         start_row = self.trainer.global_step * train.grad_accum * train.batch_size  # after any restore
         stream = TrainStream(self.run_data.mixture(), start_row)
-        return DataLoader(stream, batch_size=train.batch_size, collate_fn=collate, num_workers=0)
+        # A DataLoader iterator draws a seed from torch's global generator unless it has its own; that
+        # draw would shift the dropout masks of a resumed run relative to an uninterrupted one.
+        return DataLoader(
+            stream,
+            batch_size=train.batch_size,
+            collate_fn=collate,
+            num_workers=0,
+            generator=torch.Generator(),
+        )
 
 
 class StepProgress(Callback):
@@ -137,7 +146,7 @@ def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = T
     config = load_config(str(run_dir / CONFIG_FILE))
     run_data = load_run_data(config)
     device = training_device()
-    uri = tracking_uri or info["tracking_uri"]
+    uri = resolve_tracking_uri(tracking_uri) if tracking_uri else info["tracking_uri"]
     record = RunRecord.reopen(uri, info["run_id"])
     return _fit(
         config, run_data, record, run_dir, uri, device, info["source"], resume=True, progress=progress
@@ -174,13 +183,12 @@ def _fit(
             trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
         trainer.save_checkpoint(last)
         status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit) as error:
+    except (KeyboardInterrupt, SystemExit, SIGTERMException) as error:
+        # Ctrl-C (Lightning exits after its graceful shutdown), SIGTERM: an interruption, not a failure.
         status = "KILLED"
         record.set_tags({"mta.stopped": type(error).__name__})
         raise
     except BaseException as error:
-        # Lightning turns SIGTERM into its own exception type; it is an interruption, not a failure.
-        status = "KILLED" if type(error).__name__ == "SIGTERMException" else "FAILED"
         record.set_tags({"mta.error": f"{type(error).__name__}: {error}"[:5000]})
         record.log_text(traceback.format_exc(), "error.txt")
         raise

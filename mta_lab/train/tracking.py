@@ -35,7 +35,13 @@ PACKAGES = ("mta-lab", "torch", "lightning", "mlflow", "optuna", "omegaconf", "p
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The store to use, with a relative SQLite path made absolute: a run resumed from another
+    directory must find the store it started in."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
 
 
 def quiet_mlflow() -> None:
