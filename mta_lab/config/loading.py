@@ -61,6 +61,19 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """The validated config of a preset name or YAML path, with ``key=value`` overrides applied."""
     layers = _file_layers(name_or_path, relative_to=None, chain=())
     layers += [_override_layer(item) for item in overrides]
+    return _merge(layers, name_or_path)
+
+
+def load_config_text(text: str, source: str) -> RunConfig:
+    """The validated config of a resolved YAML text (e.g. carried by a sweep trial)."""
+    try:
+        content = OmegaConf.create(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {str(error).splitlines()[0]}") from None
+    return _merge([_Layer(source, content)], source)
+
+
+def _merge(layers: list[_Layer], name: str) -> RunConfig:
     merged = OmegaConf.structured(RunConfig)
     for layer in layers:
         try:
@@ -74,7 +87,7 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> RunConfig:
         key = f"{node}.{error.field}" if node else error.field
         raise ConfigError(f"{_source_of(key, layers)}: {key}: {error.message}") from None
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{name_or_path}: {_describe_merge_error(error)}") from None
+        raise ConfigError(f"{name}: {_describe_merge_error(error)}") from None
     assert isinstance(config, RunConfig)
     return config
 

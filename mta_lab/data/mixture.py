@@ -8,6 +8,7 @@ would have read, with no loader state to save.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,10 +100,11 @@ def collate(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor
 
 
 class TrainStream(IterableDataset):
-    """The mixture from a starting row, for a single-process DataLoader."""
+    """The mixture from a starting row; with several data-parallel ranks, rank r takes rows r, r + n, ..."""
 
-    def __init__(self, mixture: Mixture, start: int):
-        self.mixture, self.start = mixture, start
+    def __init__(self, mixture: Mixture, start: int, rank: int = 0, world_size: int = 1):
+        self.mixture, self.start, self.rank, self.world_size = mixture, start, rank, world_size
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self.mixture.rows(self.start)
+        rows = self.mixture.rows(self.start)
+        return itertools.islice(rows, self.rank, None, self.world_size)

@@ -83,7 +83,10 @@ class LanguageModel(L.LightningModule):
         if step == self._last_step:
             return  # inside a gradient-accumulation window
         self._last_step = step
-        self._window_loss += torch.stack(self._step_loss).mean().item()
+        step_loss = torch.stack(self._step_loss).mean().item()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"the training loss is {step_loss} at step {step}")
+        self._window_loss += step_loss
         self._window_steps += 1
         self._step_loss = []
         train = self.config.train
@@ -103,16 +106,20 @@ class LanguageModel(L.LightningModule):
             "train/tokens_per_s": self._window_tokens / elapsed,
             "sys/peak_memory_mb": peak_memory_mb(self.device),
         }
-        self.logger.log_metrics(metrics, step=step)
+        self._log(metrics, step)
         self._window_loss, self._window_steps, self._window_tokens = 0.0, 0, 0
         self._window_start = time.perf_counter()
 
     def _evaluate(self, step: int) -> None:
         autocast = self.trainer.precision_plugin.forward_context
         metrics = self.evaluator(self.model, self.device, autocast)
-        self.logger.log_metrics(metrics, step=step)
+        self._log(metrics, step)
         self.final_metrics = metrics
         self._window_start = time.perf_counter()  # evaluation time is not training throughput
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:  # MLflow, and a sweep worker's progress file
+            logger.log_metrics(metrics, step=step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Dropout draws from torch's global generators: resuming restores them for an exact replay.

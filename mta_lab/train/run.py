@@ -11,12 +11,14 @@ import logging
 import signal
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -64,8 +66,11 @@ class MixtureData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.run_data.config.train
-        start_row = self.trainer.global_step * train.grad_accum * train.batch_size  # after any restore
-        stream = TrainStream(self.run_data.mixture(), start_row)
+        world = self.trainer.world_size
+        start_row = (
+            self.trainer.global_step * train.grad_accum * train.batch_size * world
+        )  # after any restore
+        stream = TrainStream(self.run_data.mixture(), start_row, self.trainer.global_rank, world)
         # A DataLoader iterator draws a seed from torch's global generator unless it has its own; that
         # draw would shift the dropout masks of a resumed run relative to an uninterrupted one.
         return DataLoader(
@@ -124,7 +129,6 @@ def train(
 ) -> RunResult:
     """Train ``config`` as a new run; ``source`` is the preset or file it came from (for the record)."""
     run_data = load_run_data(config)  # raises DataError before anything is recorded
-    device = training_device()
     uri = resolve_tracking_uri(tracking_uri)
     record_tags = {
         "mta.source": source,
@@ -134,7 +138,7 @@ def train(
     name = run_name or config.tracking.run_name or source
     record = RunRecord.create(uri, config.tracking.experiment, name, record_tags)
     run_dir = runs_dir / record.run_id
-    return _fit(config, run_data, record, run_dir, uri, device, source, resume=False, progress=progress)
+    return fit_run(config, run_data, record, run_dir, uri, source, resume=False, progress=progress)
 
 
 def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = True) -> RunResult:
@@ -145,26 +149,27 @@ def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = T
     info = json.loads(info_path.read_text())
     config = load_config(str(run_dir / CONFIG_FILE))
     run_data = load_run_data(config)
-    device = training_device()
     uri = resolve_tracking_uri(tracking_uri) if tracking_uri else info["tracking_uri"]
     record = RunRecord.reopen(uri, info["run_id"])
-    return _fit(
-        config, run_data, record, run_dir, uri, device, info["source"], resume=True, progress=progress
-    )
+    return fit_run(config, run_data, record, run_dir, uri, info["source"], resume=True, progress=progress)
 
 
-def _fit(
+def fit_run(
     config: RunConfig,
     run_data: RunData,
     record: RunRecord,
     run_dir: Path,
     uri: str,
-    device: torch.device,
     source: str,
     *,
     resume: bool,
     progress: bool,
+    loggers: Sequence[Logger] = (),
 ) -> RunResult:
+    """Train in an MLflow run that exists (``record``), checkpointing to ``run_dir``. With ``resume``
+    the run was started before: continue from its last checkpoint, if it has one. ``loggers`` get
+    the same metrics as MLflow. Every way out sets the run's terminal status."""
+    device = training_device()
     status, module = "FAILED", None
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
@@ -179,7 +184,9 @@ def _fit(
         module = LanguageModel(config, total_steps, Evaluator(run_data, config.eval.batches, eval_batch))
         with warnings.catch_warnings():
             _quiet_lightning()
-            trainer = _trainer(config, total_steps, record, run_dir, device, progress)
+            trainer = _trainer(
+                config, total_steps, [MlflowLogger(record), *loggers], run_dir, device, progress
+            )
             trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
         trainer.save_checkpoint(last)
         status = "FINISHED"
@@ -212,7 +219,9 @@ def _record_start(config: RunConfig, record: RunRecord, run_dir: Path, uri: str,
     record.log_text(json.dumps(facts, indent=2) + "\n", "manifest.json")
 
 
-def _trainer(config: RunConfig, total_steps: int, record: RunRecord, run_dir: Path, device, progress: bool):
+def _trainer(
+    config: RunConfig, total_steps: int, loggers: list[Logger], run_dir: Path, device, progress: bool
+):
     train = config.train
     callbacks: list[Callback] = [StepProgress(total_steps, progress)]
     if train.checkpoint_every is not None:
@@ -226,13 +235,13 @@ def _trainer(config: RunConfig, total_steps: int, record: RunRecord, run_dir: Pa
         )
     return L.Trainer(
         accelerator=device.type,
-        devices=1,
+        devices=torch.cuda.device_count() if device.type == "cuda" else 1,  # a sweep slot's GPUs, or one
         precision=lightning_precision(train.precision, device),
         max_steps=total_steps,
         max_epochs=-1,
         accumulate_grad_batches=train.grad_accum,
         gradient_clip_val=train.grad_clip,
-        logger=MlflowLogger(record),
+        logger=loggers,
         callbacks=callbacks,
         enable_checkpointing=train.checkpoint_every is not None,
         enable_progress_bar=False,

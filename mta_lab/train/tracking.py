@@ -50,18 +50,18 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def flat_params(config: RunConfig) -> dict[str, str]:
-    """The resolved config as dotted keys, e.g. ``model.mta.pre_qk_conv.key_kernel``."""
+def flat_params(config: object, prefix: str = "") -> dict[str, str]:
+    """A config dataclass as dotted keys, e.g. ``model.mta.pre_qk_conv.key_kernel``: MLflow params."""
     flat: dict[str, str] = {}
 
-    def walk(node: object, prefix: str) -> None:
+    def walk(node: object, path: str) -> None:
         if isinstance(node, dict) and node:
             for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
+                walk(value, f"{path}.{key}" if path else str(key))
         else:
-            flat[prefix] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+            flat[path] = json.dumps(node) if isinstance(node, list | dict) else str(node)
 
-    walk(OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True), "")
+    walk(OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True), prefix)
     return flat
 
 
@@ -160,6 +160,19 @@ class RunRecord:
         self.client.set_terminated(self.run_id, status)
 
 
+class SilentRecord(RunRecord):
+    """A run record that records nothing: for data-parallel ranks other than 0."""
+
+    def __init__(self, run_id: str):
+        super().__init__(None, run_id)
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def end(self, status: str) -> None: ...
+
+
 class MlflowLogger(Logger):
     """Lightning's view of a :class:`RunRecord`: metrics only; params, artifacts and the run's status
     belong to the code that owns the run."""
@@ -182,3 +195,28 @@ class MlflowLogger(Logger):
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         """Params are the flattened config, logged once by the run's owner."""
+
+
+class JsonlLogger(Logger):
+    """Metrics as JSON lines ``{"step": ..., "metrics": {...}}``, flushed at once: how a sweep worker
+    follows the training process it started."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return "jsonl"
+
+    @property
+    def version(self) -> str:
+        return self.path.name
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        with self.path.open("a") as stream:
+            stream.write(json.dumps({"step": step or 0, "metrics": metrics}) + "\n")
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Not needed by the reader."""

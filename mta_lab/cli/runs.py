@@ -1,0 +1,192 @@
+"""Run commands: ``train`` (and ``--resume``), ``data prepare``, ``bench train``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from mta_lab.cli import common
+
+
+def register(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train one run and record it in MLflow",
+        description="Train a preset or YAML config end to end, with periodic evaluation, checkpoints and "
+        "one MLflow run (default store: sqlite:///mlflow.db in the working directory).",
+    )
+    train.add_argument("config", nargs="?", metavar="NAME_OR_PATH", help="a preset name or a YAML file")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50"
+    )
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
+    common.add_tracking_arguments(train)
+    train.set_defaults(run=_train)
+
+    data = commands.add_parser("data", help="prepare corpora").add_subparsers(required=True, metavar="ACTION")
+    prepare = data.add_parser(
+        "prepare",
+        help="tokenize text, JSONL or Parquet into a dataset",
+        description="Tokenize text files, directories of them, JSONL (one document per line) and Parquet (one "
+        "per row) into memory-mapped train/val shards; the split is by document and deterministic. Use the "
+        "result in a run with data.corpora.NAME.path=OUT.",
+    )
+    prepare.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files or directories")
+    prepare.add_argument("--out", type=Path, required=True, help="the dataset directory to write")
+    prepare.add_argument("--tokenizer", choices=["byte", "bpe", "char"], default="byte", help="default: byte")
+    prepare.add_argument(
+        "--vocab-size", type=common.positive_int, default=4096, help="BPE vocabulary (default 4096)"
+    )
+    prepare.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default: text)")
+    prepare.add_argument("--val-fraction", type=float, default=0.05, help="documents held out (default 0.05)")
+    prepare.add_argument("--force", action="store_true", help="replace --out if it exists")
+    prepare.set_defaults(run=_prepare)
+
+    bench = commands.add_parser("bench", help="measure speed").add_subparsers(required=True, metavar="WHAT")
+    bench_train = bench.add_parser(
+        "train",
+        help="training tokens/s and peak memory: baseline vs talking heads vs MTA",
+        description="Time AdamW steps of each preset's model on random tokens (its own batch and sequence "
+        "length), as plain attention, talking heads and MTA, each in a fresh process. Prints a table; "
+        "ratios are to the baseline of the same preset.",
+    )
+    bench_train.add_argument("presets", nargs="*", default=["tiny", "small"], metavar="PRESET")
+    bench_train.add_argument("--variants", default="baseline,talking-heads,mta", help="comma-separated")
+    bench_train.add_argument("--steps", type=common.positive_int, default=20, help="timed steps (default 20)")
+    bench_train.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    bench_train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every preset, e.g. --set train.batch_size=4",
+    )
+    bench_train.set_defaults(run=_bench_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mta_lab.train.run import default_run_name, resume, train
+
+    if args.resume is not None:
+        if args.config or args.overrides:
+            raise common.UsageError(
+                "--resume takes the run's own config; give no preset or overrides with it"
+            )
+        result = resume(args.resume, tracking_uri=args.tracking_uri)
+    else:
+        if args.config is None:
+            raise common.UsageError(
+                "give a preset name or YAML file (see `mta-lab presets`), or --resume RUN_DIR"
+            )
+        config = common.load(args)
+        run_name = config.tracking.run_name or default_run_name(args.config, args.overrides)
+        result = train(
+            config, args.config, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir, run_name=run_name
+        )
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    console = common.console()
+    console.print(f"run {result.run_id}: {result.status}", highlight=False)
+    table = Table("final metric", "value", box=None)
+    for key, value in sorted(result.metrics.items()):
+        if key.count("/") == 1 or key.startswith("val/"):  # per-cell task metrics stay in MLflow
+            table.add_row(key, f"{value:.4g}")
+    console.print(table)
+    console.print(f"checkpoints: {result.run_dir}   resume: mta-lab train --resume {result.run_dir}")
+    console.print(
+        f"MLflow: {result.tracking_uri}   browse: mlflow ui --backend-store-uri {result.tracking_uri}"
+    )
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from mta_lab.config.data import TokenizerConfig, TokenizerKind
+    from mta_lab.data.datasets import prepare_dataset
+    from mta_lab.data.documents import read_documents, split_documents
+    from mta_lab.data.tokenizers import cached_bpe, fixed_tokenizer
+
+    if not 0 < args.val_fraction < 1:
+        raise common.UsageError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
+    documents = read_documents(args.inputs, args.text_field)
+    settings = TokenizerConfig(kind=TokenizerKind(args.tokenizer), vocab_size=args.vocab_size)
+    tokenizer = fixed_tokenizer(settings)
+    if tokenizer is None:  # BPE: learned from the training documents only
+        train_docs, _ = split_documents(documents, args.val_fraction)
+        tokenizer = cached_bpe([d.text for d in train_docs], args.vocab_size)
+    source = {
+        "inputs": [str(p) for p in args.inputs],
+        "text_field": args.text_field,
+        "documents": len(documents),
+    }
+    dataset = prepare_dataset(documents, tokenizer, args.out, args.val_fraction, source, force=args.force)
+    table = Table(
+        "split", "documents", "tokens", "bytes", title=str(args.out), title_justify="left", box=None
+    )
+    for split, info in dataset.meta["splits"].items():
+        table.add_row(split, f"{info['documents']:,}", f"{info['tokens']:,}", f"{info['bytes']:,}")
+    console = common.console()
+    console.print(table)
+    console.print(
+        f"tokenizer {tokenizer.name}; train on it with: data.corpora.{args.out.name}.path={args.out}"
+    )
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from mta_lab.train.bench import VARIANTS, measure_isolated, variant_config
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise common.UsageError(f"--variants: unknown {', '.join(unknown)} (allowed: {', '.join(VARIANTS)})")
+    for preset in args.presets:  # check every config before spending time on any
+        for variant in variants:
+            variant_config(preset, variant, args.overrides)
+    console = common.console()
+    table = Table(
+        "preset",
+        "variant",
+        "params",
+        "batch x seq",
+        "tokens/s",
+        "ms/step",
+        "peak MB",
+        "speed vs base",
+        "memory vs base",
+        title="Training throughput",
+        title_justify="left",
+        box=None,
+    )
+    device = ""
+    for preset in args.presets:
+        base = None
+        for variant in variants:
+            with console.status(f"{preset} {variant} ..."):
+                m = measure_isolated(preset, variant, args.overrides, args.steps, args.warmup)
+            base = base or (m if variant == "baseline" else None)
+            device = m.device
+            table.add_row(
+                preset,
+                variant,
+                f"{m.parameters:,}",
+                f"{m.batch} x {m.seq_len}",
+                f"{m.tokens_per_s:,.0f}",
+                f"{m.step_ms:.1f}",
+                f"{m.peak_mb:,.0f}",
+                f"{m.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-",
+                f"{m.peak_mb / base.peak_mb:.2f}x" if base else "-",
+            )
+    console.print(table)
+    console.print(
+        f"device: {device}; {args.steps} timed steps after {args.warmup} warm-up steps; peak MB is "
+        "GPU memory allocated on CUDA, the process's peak resident memory on CPU",
+        highlight=False,
+    )
+    return 0

@@ -1,0 +1,166 @@
+"""Sweep commands: ``sweep`` (plan, launch, resume), ``worker`` (join from any machine), ``status``,
+``ui`` (the MLflow UI on the default store)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mta_lab.cli import common
+from mta_lab.config import ConfigError
+from mta_lab.sweep.spec import Profile, sweep_names
+
+
+def register(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="run an ablation or search: one trial per GPU, resumable, tracked in MLflow",
+        description="Run a sweep file (sweeps/NAME.yaml or a path). Every cell's config is validated first. "
+        "Cells run in worker processes (one per GPU slot, or --workers on a CPU), each training in a child "
+        "process, all recorded under one MLflow parent run. Running the command again resumes.",
+        epilog=f"sweeps: {', '.join(sweep_names())}",
+    )
+    sweep.add_argument("sweep", metavar="NAME_OR_PATH", help="a sweep name or YAML file")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="print the cells, MLflow names and budget; run nothing"
+    )
+    _add_placement(sweep)
+    _add_profile_and_stores(sweep)
+    sweep.set_defaults(run=_sweep)
+
+    worker = commands.add_parser(
+        "worker",
+        help="join a running sweep (e.g. from another machine)",
+        description="Take cells of a sweep's Optuna study and train them until none is left. On another "
+        "machine give the shared --storage (postgresql://...) and --tracking-uri (http://...).",
+    )
+    worker.add_argument("sweep", metavar="NAME", help="the sweep's name (or a sweep file)")
+    _add_profile_and_stores(worker)
+    worker.set_defaults(run=_worker)
+
+    status = commands.add_parser(
+        "status", help="cells done, running, failed and pending, and the best so far"
+    )
+    status.add_argument("sweep", metavar="NAME_OR_PATH", help="a sweep name or YAML file")
+    _add_profile_and_stores(status)
+    status.set_defaults(run=_status)
+
+    ui = commands.add_parser("ui", help="open the MLflow UI on the runs' store (127.0.0.1)")
+    ui.add_argument("--tracking-uri", metavar="URI", help="the store (default: as for train and sweep)")
+    ui.add_argument("--port", type=common.positive_int, default=5000, help="default 5000")
+    ui.set_defaults(run=_ui)
+
+
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers", type=common.positive_int, help="worker processes (default: one per GPU slot, 1 on CPU)"
+    )
+    parser.add_argument("--gpus", type=_gpu_list, help="GPUs to use, e.g. 0,1,2,3 (default: all)")
+    parser.add_argument(
+        "--gpus-per-trial", type=common.positive_int, default=1, help="GPUs per trial (default 1)"
+    )
+
+
+def _add_profile_and_stores(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        type=Profile,
+        choices=list(Profile),
+        default=Profile.auto,
+        help="full: the file's budget; cpu: its cpu block; auto (default): cpu without a GPU",
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage (default: a journal file under --runs-dir; postgresql://... for many machines)",
+    )
+    common.add_tracking_arguments(parser)
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of GPU indices, e.g. 0,1,2"
+        ) from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mta_lab.sweep.launcher import launch
+
+    return launch(
+        args.sweep,
+        profile=args.profile,
+        workers=args.workers,
+        gpus=args.gpus,
+        gpus_per_trial=args.gpus_per_trial,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        runs_dir=args.runs_dir,
+        dry_run=args.dry_run,
+        console=common.console(),
+    )
+
+
+def _study_name_and_dir(args: argparse.Namespace) -> tuple[str, Path]:
+    from mta_lab.sweep.spec import load_sweep, resolve_profile
+
+    try:
+        study_name = load_sweep(args.sweep, args.profile).study_name
+    except ConfigError:
+        if "/" in args.sweep or args.sweep.endswith((".yaml", ".yml")):
+            raise
+        # A worker elsewhere may lack the sweep file: the name then is the study's.
+        cpu = resolve_profile(args.profile) == Profile.cpu and not args.sweep.endswith("-cpu")
+        study_name = f"{args.sweep}-cpu" if cpu else args.sweep
+    return study_name, (args.runs_dir / "sweeps" / study_name).resolve()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import optuna
+
+    from mta_lab.sweep.storage import default_storage, make_pruner, open_storage
+    from mta_lab.sweep.worker import Context, run_worker
+
+    study_name, sweep_dir = _study_name_and_dir(args)
+    storage = args.storage or default_storage(sweep_dir)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        raise ConfigError(f"no study '{study_name}' at {storage}: start it with `mta-lab sweep`") from None
+    context = Context.load(study, args.tracking_uri, sweep_dir)
+    study.pruner = make_pruner(context.sweep.spec)  # Optuna keeps no pruner with the study
+    search = context.sweep.spec.search
+    if search is not None:  # seeded per process, so that workers propose different points
+        study.sampler = optuna.samplers.TPESampler(seed=search.seed + os.getpid() % 1000)
+    run_worker(study, context)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from mta_lab.sweep.launcher import open_study
+    from mta_lab.sweep.spec import expand, load_sweep
+    from mta_lab.sweep.status import status_table
+    from mta_lab.sweep.storage import default_storage
+
+    sweep = load_sweep(args.sweep, args.profile)
+    sweep_dir = (args.runs_dir / "sweeps" / sweep.study_name).resolve()
+    study = open_study(sweep, args.storage or default_storage(sweep_dir))
+    cells = expand(sweep) if sweep.spec.search is None else None
+    common.console().print(status_table(study, sweep, cells))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from mta_lab.train.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    return subprocess.call(command)

@@ -1,0 +1,388 @@
+"""``mta-lab sweep``: plan a sweep, prepare its study and MLflow parent run, start the workers.
+
+Everything that can be wrong with the sweep is found before anything starts: every cell's config
+is built and validated, and every distinct data setup is loaded (which also fills the tokenized
+corpus cache once, instead of in every worker). Then, in this order, so that workers never race to
+create them: the MLflow experiment and parent run, the Optuna study, and the cells not done yet.
+Running the same command again resumes: finished cells are skipped, unfinished and failed ones run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mta_lab.config import ConfigError, resolved_yaml
+from mta_lab.config.sweep import Distribution, Goal
+from mta_lab.data.run_data import load_run_data
+from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
+from mta_lab.sweep.status import status_table
+from mta_lab.sweep.storage import default_storage, open_storage
+from mta_lab.sweep.tracking import client_for, experiment_id, parent_run
+from mta_lab.sweep.worker import recover_orphans
+from mta_lab.train.tracking import RunRecord, flat_params, resolve_tracking_uri
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Slot:
+    """Where one worker runs: its GPUs (empty on CPU) and its CPU threads."""
+
+    gpus: tuple[int, ...]
+    threads: int
+
+    def env(self) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpus)), "OMP_NUM_THREADS": str(self.threads)}
+
+    def describe(self) -> str:
+        return f"GPU {','.join(map(str, self.gpus))}" if self.gpus else f"CPU, {self.threads} threads"
+
+
+def plan_slots(workers: int | None, gpus: list[int] | None, gpus_per_trial: int) -> list[Slot]:
+    """One worker per group of ``gpus_per_trial`` GPUs; on a CPU machine ``workers`` share the cores."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if gpus is None and torch.cuda.is_available():
+        gpus = list(range(torch.cuda.device_count()))
+    if gpus:
+        if len(gpus) % gpus_per_trial:
+            raise ConfigError(
+                f"--gpus-per-trial {gpus_per_trial} does not divide the {len(gpus)} GPUs {gpus}"
+            )
+        groups = [tuple(gpus[i : i + gpus_per_trial]) for i in range(0, len(gpus), gpus_per_trial)]
+        groups = groups[:workers] if workers else groups
+        return [Slot(group, max(1, cores // len(groups))) for group in groups]
+    count = workers or 1
+    return [Slot((), max(1, cores // count)) for _ in range(count)]
+
+
+def prepare(name_or_path: str, profile: Profile) -> tuple[Sweep, list[Cell]]:
+    """The sweep and its cells, every config and data setup validated."""
+    sweep = load_sweep(name_or_path, profile)
+    cells = expand(sweep) if sweep.spec.search is None else [_probe_cell(sweep)]
+    check_metric(sweep, cells)
+    seen = set()
+    for cell in cells:
+        setup = (
+            repr(cell.config.data),
+            repr(cell.config.tasks),
+            cell.config.model.max_seq_len,
+            cell.config.model.vocab_size,
+        )
+        if setup not in seen:
+            seen.add(setup)
+            load_run_data(cell.config)  # DataError names the problem; fills the corpus cache
+    return sweep, cells
+
+
+def _probe_cell(sweep: Sweep) -> Cell:
+    """A search cell at the low end of every range: checks that the searched keys exist and validate."""
+    params = {}
+    for key, param in sweep.spec.search.params.items():
+        if param.type == Distribution.categorical:
+            params[key] = param.choices[0]
+        else:
+            params[key] = int(param.low) if param.type == Distribution.int else param.low
+    return search_cell(sweep, params, sweep.spec.seeds[0])
+
+
+def print_plan(
+    sweep: Sweep, cells: list[Cell], slots: list[Slot], storage: str, tracking_uri: str, console: Console
+) -> None:
+    spec = sweep.spec
+    first = cells[0].config
+    tokens = first.train.total_steps(first.data.seq_len) * first.train.tokens_per_step(first.data.seq_len)
+    console.print(
+        f"[bold]{spec.name}[/bold] ({sweep.source}, profile {sweep.profile.value}): {spec.description}",
+        highlight=False,
+    )
+    if spec.search is None:
+        table = Table(
+            "#",
+            "cell",
+            "seed",
+            "role",
+            "config hash",
+            title="Cells = MLflow child runs",
+            title_justify="left",
+            box=None,
+        )
+        for index, cell in enumerate(cells):
+            table.add_row(str(index), cell.label, str(cell.seed), cell.role, cell.config_hash)
+        console.print(table)
+        runs = len(cells)
+    else:
+        table = Table("parameter", "distribution", title="Search (TPE)", title_justify="left", box=None)
+        for key, param in spec.search.params.items():
+            shape = (
+                param.choices if param.type == Distribution.categorical else f"[{param.low}, {param.high}]"
+            )
+            table.add_row(key, f"{param.type.value} {shape}{' log' if param.log else ''}")
+        console.print(table)
+        runs = spec.search.n_trials
+    console.print(
+        f"base {spec.base}; {first.train.total_steps(first.data.seq_len):,} steps x "
+        f"{first.train.tokens_per_step(first.data.seq_len):,} tokens = {tokens:,} tokens per run; {runs} runs; "
+        f"metric {spec.metric.name} ({spec.metric.goal.value})",
+        highlight=False,
+    )
+    console.print(
+        f"MLflow: experiment '{spec.name}', parent run '{spec.name} ({sweep.profile.value})' at {tracking_uri}\n"
+        f"Optuna: study '{sweep.study_name}' at {storage}\n"
+        f"workers: {len(slots)} ({'; '.join(s.describe() for s in slots)})",
+        highlight=False,
+    )
+
+
+def launch(
+    name_or_path: str,
+    *,
+    profile: Profile = Profile.auto,
+    workers: int | None = None,
+    gpus: list[int] | None = None,
+    gpus_per_trial: int = 1,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    runs_dir: Path = Path("runs"),
+    dry_run: bool = False,
+    console: Console | None = None,
+) -> int:
+    console = console or Console()
+    sweep, cells = prepare(name_or_path, profile)
+    if sweep.profile == Profile.cpu and profile == Profile.auto:
+        console.print(
+            "[yellow]No GPU: running the sweep's cpu profile (a tiny model and a short budget, minutes on a "
+            "CPU); --profile full runs the file's own budget.[/yellow]"
+        )
+    slots = plan_slots(workers, gpus, gpus_per_trial)
+    sweep_dir = (runs_dir / "sweeps" / sweep.study_name).resolve()
+    storage = storage or default_storage(sweep_dir)
+    uri = resolve_tracking_uri(tracking_uri)
+    if len(slots) > 2 and storage.startswith("sqlite"):
+        raise ConfigError(
+            f"--storage {storage}: SQLite is for one or two workers; use journal:PATH or postgresql://"
+        )
+    print_plan(sweep, cells, slots, storage, uri, console)
+    if dry_run:
+        console.print("dry run: nothing was started")
+        return 0
+
+    client = client_for(uri)
+    experiment = experiment_id(client, sweep.spec.name)
+    parent = parent_run(client, experiment, sweep, flat_params(sweep.spec, prefix="sweep"))
+    study = open_study(sweep, storage, create=True)
+    attrs = {
+        "spec": OmegaConf.to_container(OmegaConf.structured(sweep.spec), enum_to_str=True),
+        "profile": sweep.profile.value,
+        "source": sweep.source,
+        "tracking_uri": uri,
+        "experiment_id": experiment,
+        "parent_run_id": parent,
+    }
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    recovered = recover_orphans(study)
+    if recovered:
+        console.print(f"trials {recovered} had lost their worker: their cells run again")
+    done, queued = enqueue(study, sweep, cells)
+    if sweep.spec.search is None:
+        console.print(
+            f"{len(done)} of {len(cells)} cells already finished (skipped); {queued} to run", highlight=False
+        )
+    if sweep.spec.search is None and not queued and not _waiting(study):
+        console.print("every cell is done")
+        _finish_parent(client, parent, study, sweep)
+        return 0
+
+    code = _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console)
+    status = _finish_parent(client, parent, study, sweep, interrupted=code == 130)
+    if code == 0 and status == "FAILED":
+        code = 1  # some cells failed: the parent run and the table say which, and why
+    console.print(status_table(study, sweep, cells if sweep.spec.search is None else None))
+    console.print(
+        f"parent run {parent}: {status}; browse with: mta-lab ui --tracking-uri {uri}", highlight=False
+    )
+    return code
+
+
+def open_study(sweep: Sweep, storage: str, create: bool = False) -> optuna.Study:
+    direction = "minimize" if sweep.spec.metric.goal == Goal.minimize else "maximize"
+    sampler = optuna.samplers.TPESampler(seed=sweep.spec.search.seed) if sweep.spec.search else None
+    backend = open_storage(storage)
+    if create:
+        return optuna.create_study(
+            study_name=sweep.study_name,
+            storage=backend,
+            direction=direction,
+            sampler=sampler,
+            load_if_exists=True,
+        )
+    try:
+        return optuna.load_study(study_name=sweep.study_name, storage=backend, sampler=sampler)
+    except KeyError:
+        raise ConfigError(
+            f"no study '{sweep.study_name}' at {storage}: run `mta-lab sweep {sweep.spec.name}` first"
+        ) from None
+
+
+def enqueue(study: optuna.Study, sweep: Sweep, cells: list[Cell]) -> tuple[list[Cell], int]:
+    """Enqueue each cell that is not finished, waiting or running; once, keyed by its config hash."""
+    if sweep.spec.search is not None:
+        return [], 0
+    by_cell: dict[str, set[TrialState]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if "cell" in trial.user_attrs:
+            by_cell.setdefault(trial.user_attrs["cell"], set()).add(trial.state)
+    done, queued = [], 0
+    for cell in cells:
+        states = by_cell.get(cell.config_hash, set())
+        if TrialState.COMPLETE in states:
+            done.append(cell)
+        elif not states & {TrialState.WAITING, TrialState.RUNNING}:
+            study.enqueue_trial({}, user_attrs={**cell.attrs(), "config": resolved_yaml(cell.config)})
+            queued += 1
+    return done, queued
+
+
+def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console) -> int:
+    logs = sweep_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for index, slot in enumerate(slots):
+        command = [
+            sys.executable,
+            "-m",
+            "mta_lab.cli",
+            "worker",
+            sweep.spec.name,
+            "--profile",
+            sweep.profile.value,
+            "--storage",
+            storage,
+            "--tracking-uri",
+            uri,
+            "--runs-dir",
+            str(runs_dir),
+        ]
+        log = (logs / f"worker-{index}.log").open("a")
+        processes.append(
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **slot.env()})
+        )
+    total = _total(study, sweep)
+    reported: set[int] = set()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            bar = progress.add_task(f"{sweep.spec.name}", total=total)
+            while any(p.poll() is None for p in processes):
+                _report(study, sweep, progress, bar, reported)
+                time.sleep(1.0)
+            _report(study, sweep, progress, bar, reported)
+    except KeyboardInterrupt:
+        console.print(
+            "stopping: workers stop their training runs (marked KILLED); run the same command to resume"
+        )
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in processes:
+            p.wait()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = [i for i, p in enumerate(processes) if p.returncode not in (0, None)]
+    if failed:
+        console.print(f"[red]workers {failed} stopped with an error: see {logs}[/red]")
+        return 1
+    return 0
+
+
+def _report(study, sweep, progress, bar, reported: set[int]) -> None:
+    metric = sweep.spec.metric.name
+    finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    for trial in study.get_trials(deepcopy=False, states=finished):
+        if trial.number in reported or "label" not in trial.user_attrs:
+            continue
+        reported.add(trial.number)
+        name = f"{trial.user_attrs['label']} · seed {trial.user_attrs['seed']}"
+        if trial.state == TrialState.COMPLETE:
+            progress.console.print(
+                f"  [green]done[/green]   {name}: {metric} = {trial.value:.4g}", highlight=False
+            )
+        elif trial.state == TrialState.PRUNED:
+            progress.console.print(f"  [yellow]pruned[/yellow] {name}", highlight=False)
+        else:
+            error = trial.user_attrs.get("error") or _fail_reason(trial)
+            progress.console.print(f"  [red]failed[/red] {name}: {error}", highlight=False)
+    done = [t for t in study.get_trials(deepcopy=False, states=finished) if "label" in t.user_attrs]
+    progress.update(
+        bar, completed=min(len({t.user_attrs["cell"] for t in done}), progress.tasks[bar].total or 0)
+    )
+
+
+def _fail_reason(trial) -> str:
+    return str(trial.system_attrs.get("fail_reason", "see its MLflow run's mta.error tag"))
+
+
+def _total(study, sweep) -> int:
+    if sweep.spec.search is not None:
+        return sweep.spec.search.n_trials
+    return len({t.user_attrs["cell"] for t in study.get_trials(deepcopy=False) if "cell" in t.user_attrs})
+
+
+def _waiting(study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+
+
+def _finish_parent(client, parent: str, study, sweep, interrupted: bool = False) -> str:
+    """The parent run's status and its summary: FINISHED when every cell finished."""
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "cell" in t.user_attrs
+    ]
+    cells = {t.user_attrs["cell"] for t in study.get_trials(deepcopy=False) if "cell" in t.user_attrs}
+    finished_cells = {t.user_attrs["cell"] for t in complete}
+    metrics = {"sweep/cells": len(cells), "sweep/cells_finished": len(finished_cells)}
+    if complete:
+        best = (
+            min(complete, key=lambda t: t.value)
+            if sweep.spec.metric.goal == Goal.minimize
+            else max(complete, key=lambda t: t.value)
+        )
+        metrics[f"best/{sweep.spec.metric.name}"] = best.value
+        client.set_tag(
+            parent, "mta.best_cell", f"{best.user_attrs['label']} · seed {best.user_attrs['seed']}"
+        )
+    RunRecord(client, parent).log_metrics(metrics, step=0)
+    if sweep.spec.search is None:
+        done = finished_cells >= cells
+    else:  # a search is done when it has its trials; pruned ones count
+        ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        done = len(ended) >= sweep.spec.search.n_trials
+    status = "KILLED" if interrupted else ("FINISHED" if done else "FAILED")
+    client.set_terminated(parent, status)
+    return status
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

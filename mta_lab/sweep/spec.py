@@ -1,0 +1,263 @@
+"""Loading a sweep file, choosing its profile, and expanding it into cells with validated configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mta_lab.config import ConfigError, RunConfig, load_config
+from mta_lab.config.loading import _describe_merge_error, _failing_node, bundled_dir
+from mta_lab.config.model import ConfigFieldError
+from mta_lab.config.sweep import Design, SweepSpec
+from mta_lab.train.tracking import config_hash
+
+
+class Profile(str, Enum):
+    auto = "auto"
+    """``cpu`` on a machine without a GPU, else ``full``."""
+    full = "full"
+    """The file's sweep and budget."""
+    cpu = "cpu"
+    """The file's ``cpu`` block applied: a tiny model and a short budget, minutes on 2 cores."""
+
+
+# Applied when a sweep file has no cpu block of its own.
+DEFAULT_CPU = {"base": "tiny", "budget": {"steps": 100}}
+
+
+def resolve_profile(profile: Profile) -> Profile:
+    if profile != Profile.auto:
+        return profile
+    import torch
+
+    return Profile.full if torch.cuda.is_available() else Profile.cpu
+
+
+def sweep_names() -> list[str]:
+    return sorted(path.stem for path in bundled_dir("sweeps").glob("*.yaml"))
+
+
+def sweep_path(name_or_path: str) -> Path:
+    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such sweep file")
+        return path
+    path = bundled_dir("sweeps") / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sweep_names()
+        close = difflib.get_close_matches(name_or_path, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"unknown sweep '{name_or_path}': {hint}allowed: {', '.join(names)}, or a YAML path"
+        )
+    return path
+
+
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    path: Path
+    profile: Profile
+    """``full`` or ``cpu`` (resolved)."""
+
+    @property
+    def study_name(self) -> str:
+        """The Optuna study; the profiles of one sweep are different studies."""
+        return self.spec.name if self.profile == Profile.full else f"{self.spec.name}-cpu"
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+
+def load_sweep(name_or_path: str, profile: Profile = Profile.auto) -> Sweep:
+    """The validated sweep of a bundled name or a YAML path, with the profile's changes applied."""
+    path = sweep_path(name_or_path)
+    source = (
+        str(path)
+        if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
+        else f"sweeps/{path.name}"
+    )
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{source}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{source}: expected a mapping of sweep keys at the top level")
+    resolved = resolve_profile(profile)
+    raw = _whole_budget(raw)
+    if resolved == Profile.cpu:
+        cpu = raw.get("cpu")
+        delta = _whole_budget(OmegaConf.create(DEFAULT_CPU) if cpu is None else cpu)
+        raw = OmegaConf.merge({k: v for k, v in raw.items() if k != "cpu"}, delta)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), raw)
+        spec = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {_describe_merge_error(error)}") from None
+    except ConfigFieldError as error:
+        node = _failing_node(merged)
+        key = f"{node}.{error.field}" if node else error.field
+        raise ConfigError(f"{source}: {key}: {error.message}") from None
+    if not spec.name:
+        spec = dataclasses.replace(spec, name=path.stem)
+    return Sweep(spec, path, resolved)
+
+
+def _whole_budget(node: DictConfig) -> DictConfig:
+    """A budget replaces the one it is merged onto: ``{tokens: N}`` means steps null, not the
+    default steps as well."""
+    budget = node.get("budget")
+    if isinstance(budget, DictConfig):
+        node = OmegaConf.merge(
+            node, {"budget": {"steps": budget.get("steps"), "tokens": budget.get("tokens")}}
+        )
+    return node
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of a sweep, with one seed: one training run."""
+
+    label: str
+    """What differs from the base, e.g. "query_kernel=4 key_kernel=9" or "baseline"."""
+    seed: int
+    role: str
+    """``baseline`` or ``variant``."""
+    axis: str
+    """The varied keys (axes), ``variants``, ``search`` or ``baseline``."""
+    overrides: tuple[str, ...]
+    """Everything applied on top of the base, in order."""
+    config: RunConfig
+    config_hash: str
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.label} · seed {self.seed}"
+
+    def attrs(self) -> dict[str, Any]:
+        """What a trial records about its cell."""
+        return {
+            "cell": self.config_hash,
+            "label": self.label,
+            "seed": self.seed,
+            "role": self.role,
+            "axis": self.axis,
+        }
+
+
+def expand(sweep: Sweep) -> list[Cell]:
+    """Every cell of an ablation (not a search), each config built and validated now."""
+    spec = sweep.spec
+    groups: list[tuple[str, str, str, list[str]]] = []  # label, role, axis, overrides
+    if spec.baseline:
+        groups.append(("baseline", "baseline", "baseline", ["model.mta=null"]))
+    if spec.axes:
+        keys = list(spec.axes)
+        axis = ",".join(keys)
+        for assignment in _assignments(sweep):
+            label = (
+                " ".join(f"{_short(keys, key)}={_show(value)}" for key, value in assignment.items()) or "base"
+            )
+            overrides = [f"{key}={_value(value)}" for key, value in assignment.items()]
+            groups.append(
+                (label, "variant", axis if spec.design == Design.grid else ",".join(assignment), overrides)
+            )
+    for name, overlay in spec.variants.items():
+        if overlay is not None:
+            groups.append((name, "variant", "variants", [f"{k}={_value(v)}" for k, v in overlay.items()]))
+    if not spec.axes and not any(v is not None for v in spec.variants.values()) and spec.search is None:
+        groups.append(("base", "variant", "base", []))
+    return [
+        cell(sweep, label, seed, role, axis, overrides)
+        for label, role, axis, overrides in groups
+        for seed in spec.seeds
+    ]
+
+
+def search_cell(sweep: Sweep, params: dict[str, Any], seed: int) -> Cell:
+    """The cell of a search trial's sampled parameters."""
+    keys = list(params)
+    label = " ".join(f"{_short(keys, key)}={_show(value)}" for key, value in params.items())
+    return cell(sweep, label, seed, "variant", "search", [f"{k}={_value(v)}" for k, v in params.items()])
+
+
+def cell(sweep: Sweep, label: str, seed: int, role: str, axis: str, overrides: list[str]) -> Cell:
+    """A validated cell: base <- fixed <- the cell's overrides <- budget <- seed."""
+    spec = sweep.spec
+    fixed = [f"{key}={_value(value)}" for key, value in spec.fixed.items()]
+    seeding = [f"train.seed={seed}", f"data.seed={seed}"]
+    tracking = [f"tracking.experiment={spec.name}"]
+    everything = (*fixed, *overrides, *spec.budget.overrides(), *seeding, *tracking)
+    try:
+        config = load_config(spec.base, everything)
+    except ConfigError as error:
+        raise ConfigError(f"{sweep.source}: cell '{label} · seed {seed}': {error}") from None
+    return Cell(label, seed, role, axis, tuple(everything), config, config_hash(config))
+
+
+def check_metric(sweep: Sweep, cells: list[Cell]) -> None:
+    """The metric must be one the runs log: train/..., val/... or a configured task's."""
+    name = sweep.spec.metric.name
+    tasks = {task for cell in cells for task in cell.config.tasks.enabled()}
+    corpora = {corpus for cell in cells for corpus in cell.config.data.active_corpora()}
+    prefix = name.split("/")[0]
+    known = {"train", "val", *tasks}
+    if prefix not in known or (
+        prefix == "val" and name.count("/") == 2 and name.split("/")[1] not in corpora
+    ):
+        raise ConfigError(
+            f"{sweep.source}: metric.name: '{name}' is not logged by these runs (allowed: val/loss, val/ppl, "
+            f"val/bpb, val/<corpus>/loss|ppl|bpb for {sorted(corpora)}, or a task metric of {sorted(tasks)})"
+        )
+
+
+def _assignments(sweep: Sweep) -> list[dict[str, Any]]:
+    axes = sweep.spec.axes
+    if sweep.spec.design == Design.grid:
+        return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    base = load_config(sweep.spec.base, [f"{k}={_value(v)}" for k, v in sweep.spec.fixed.items()])
+    assignments = []
+    for key, values in axes.items():
+        current = OmegaConf.select(OmegaConf.structured(base), key)
+        current = current.value if isinstance(current, Enum) else current
+        assignments += [{key: value} for value in values if value != current]
+    return [{}, *assignments] if assignments else [{}]
+
+
+def _short(keys: list[str], key: str) -> str:
+    """The shortest dotted suffix of ``key`` that no other key shares."""
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+        suffix = ".".join(parts[-n:])
+        if all(not other.endswith(suffix) for other in keys if other != key):
+            return suffix
+    return key
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+def _value(value: Any) -> str:
+    """A value as the right-hand side of a dotted override."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)

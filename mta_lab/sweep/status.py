@@ -1,0 +1,97 @@
+"""``mta-lab status``: every cell's state (done, running, failed, pending), its metric, and the best."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+from mta_lab.config.sweep import Goal
+from mta_lab.sweep.spec import Cell, Sweep
+
+# The state that describes a cell when it has several trials (a failure, then a retry).
+PRIORITY = {
+    TrialState.COMPLETE: 0,
+    TrialState.RUNNING: 1,
+    TrialState.WAITING: 2,
+    TrialState.FAIL: 3,
+    TrialState.PRUNED: 4,
+}
+WORDS = {
+    TrialState.COMPLETE: "done",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "queued",
+    TrialState.FAIL: "failed",
+    TrialState.PRUNED: "pruned",
+}
+
+
+def cell_states(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """The deciding trial of each cell (by config hash)."""
+    best: dict[str, FrozenTrial] = {}
+    for trial in study.get_trials(deepcopy=False):
+        cell = trial.user_attrs.get("cell")
+        if cell is None or trial.user_attrs.get("duplicate_of") is not None:
+            continue
+        if cell not in best or PRIORITY[trial.state] < PRIORITY[best[cell].state]:
+            best[cell] = trial
+    return best
+
+
+def status_table(study: optuna.Study, sweep: Sweep, cells: list[Cell] | None = None) -> Table:
+    metric, goal = sweep.spec.metric.name, sweep.spec.metric.goal
+    states = cell_states(study)
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    if cells is not None:  # every cell of the sweep, also those never enqueued
+        for cell in cells:
+            trial = states.get(cell.config_hash)
+            rows.append(_row(cell.label, cell.seed, trial))
+    else:
+        for trial in sorted(states.values(), key=lambda t: t.number):
+            rows.append(_row(trial.user_attrs["label"], trial.user_attrs["seed"], trial))
+    counts = Counter(row[2] for row in rows)
+    done = [t for t in states.values() if t.state == TrialState.COMPLETE]
+    best = ""
+    if done:
+        pick = min if goal == Goal.minimize else max
+        top = pick(done, key=lambda t: t.value)
+        best = (
+            f"; best {metric} = {top.value:.4g} ({top.user_attrs['label']} · seed {top.user_attrs['seed']})"
+        )
+    summary = ", ".join(
+        f"{counts[word]} {word}"
+        for word in ("done", "running", "queued", "failed", "pruned", "pending")
+        if counts[word]
+    )
+    table = Table(
+        "cell",
+        "seed",
+        "state",
+        metric,
+        "trial",
+        "MLflow run",
+        box=None,
+        title=f"{sweep.study_name}: {len(rows)} cells: {summary}{best}",
+        title_justify="left",
+    )
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _row(label: str, seed: int, trial: FrozenTrial | None) -> tuple[str, str, str, str, str, str]:
+    if trial is None:
+        return label, str(seed), "pending", "", "", ""
+    value = (
+        f"{trial.value:.4g}" if trial.state == TrialState.COMPLETE else trial.user_attrs.get("error", "")[:60]
+    )
+    return (
+        label,
+        str(seed),
+        WORDS[trial.state],
+        value,
+        str(trial.number),
+        trial.user_attrs.get("mlflow_run_id", ""),
+    )

@@ -1,0 +1,76 @@
+"""Where a sweep's Optuna study lives.
+
+- one machine, default: a journal file (``journal:PATH``), safe for many processes;
+- ``sqlite:///PATH``: fine for one or two workers;
+- ``postgresql://`` or ``mysql://``: many machines. These get heartbeats, so the trials of a worker
+  that died are failed after a grace period and their cells enqueued again (up to 3 times).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+
+from mta_lab.config import ConfigError
+from mta_lab.config.sweep import PrunerKind, SweepSpec
+
+HEARTBEAT_S = 30
+GRACE_S = 120  # > 3 heartbeats: a long evaluation must not get a live trial failed
+RETRIES = 3
+
+
+def default_storage(sweep_dir: Path) -> str:
+    return f"journal:{(sweep_dir / 'optuna.journal').resolve()}"
+
+
+def open_storage(url: str) -> BaseStorage:
+    """An Optuna storage for a URL (see the module docstring)."""
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    if url.startswith(("postgresql", "mysql")):
+        if url.startswith("postgresql://"):  # psycopg 3 is the driver mta-lab installs
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
+            )
+    raise ConfigError(
+        f"--storage {url}: unsupported (allowed: journal:PATH, sqlite:///PATH, postgresql://..., mysql://...)"
+    )
+
+
+def has_heartbeat(url: str) -> bool:
+    return url.startswith(("postgresql", "mysql"))
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    """The sweep's pruner. Every process must pass it: Optuna stores no pruner with a study and
+    defaults to the median pruner, which would cut ablation runs short."""
+    settings = spec.search.pruner if spec.search is not None else None
+    if settings is None or settings.kind == PrunerKind.none:
+        return optuna.pruners.NopPruner()
+    if settings.kind == PrunerKind.median:
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.warmup_steps
+        )
+    if settings.kind == PrunerKind.percentile:
+        return optuna.pruners.PercentilePruner(
+            settings.percentile,
+            n_startup_trials=settings.startup_trials,
+            n_warmup_steps=settings.warmup_steps,
+        )
+    return optuna.pruners.HyperbandPruner()

@@ -1,0 +1,279 @@
+"""A sweep worker: takes cells from the Optuna study one at a time and trains each in a child process.
+
+The worker owns the trial: it finds or creates the cell's MLflow child run (resuming it when the cell
+ran before on this machine, never duplicating it), starts ``mta_lab.sweep.child``, follows its
+progress file, reports intermediate values, prunes by stopping the child, and records the outcome.
+A child that fails (an exception, a NaN loss, out of memory, killed) fails the trial with its reason;
+the worker goes on with the next cell.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from mta_lab.config import resolved_yaml
+from mta_lab.config.loading import load_config_text
+from mta_lab.config.sweep import Distribution, SweepSpec
+from mta_lab.sweep.child import PROGRESS_FILE
+from mta_lab.sweep.spec import Cell, Profile, Sweep, search_cell
+from mta_lab.sweep.tracking import client_for, create_child, find_child
+from mta_lab.train.run import CONFIG_FILE, RUN_FILE
+
+POLL_S = 0.5
+STOP_GRACE_S = 120
+
+
+class CellFailed(Exception):
+    """The cell's training did not finish; the message is the reason."""
+
+
+@dataclass
+class Context:
+    study: optuna.Study
+    sweep: Sweep
+    tracking_uri: str
+    experiment: str
+    parent: str
+    sweep_dir: Path
+
+    @classmethod
+    def load(cls, study: optuna.Study, tracking_uri: str | None, sweep_dir: Path) -> Context:
+        """What the launcher stored in the study: workers on other machines need nothing else."""
+        from omegaconf import OmegaConf
+
+        attrs = study.user_attrs
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), attrs["spec"]))
+        sweep = Sweep(spec, Path(attrs["source"]), Profile(attrs["profile"]))
+        return cls(
+            study,
+            sweep,
+            tracking_uri or attrs["tracking_uri"],
+            attrs["experiment_id"],
+            attrs["parent_run_id"],
+            sweep_dir,
+        )
+
+
+def run_worker(study: optuna.Study, context: Context) -> None:
+    """Train cells until none is waiting (an ablation) or the search has its trials."""
+    recover_orphans(study)
+    signal.signal(signal.SIGTERM, _interrupt)
+    while _more_work(study, context.sweep.spec):
+        study.optimize(lambda trial: objective(trial, context), n_trials=1, catch=(CellFailed,))
+
+
+def objective(trial: Trial, context: Context) -> float:
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    cell = _cell(trial, context)
+    if cell is None:
+        raise optuna.TrialPruned("no cell was waiting (another worker took the last one)")
+    duplicate = _duplicate_of(context.study, trial.number, cell.config_hash)
+    if duplicate is not None:
+        trial.set_user_attr("duplicate_of", duplicate)
+        raise optuna.TrialPruned(f"cell already done or running in trial {duplicate}")
+    try:
+        return train_cell(trial, cell, context)
+    except CellFailed as error:
+        trial.set_user_attr("error", str(error)[:2000])  # what `status` and the launcher show
+        raise
+
+
+def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
+    client = client_for(context.tracking_uri)
+    metric = context.sweep.spec.metric.name
+    run_dir = context.sweep_dir / "cells" / cell.config_hash
+    run = find_child(client, context.experiment, context.parent, cell.config_hash)
+    if run is not None and run.info.status == "FINISHED" and metric in run.data.metrics:
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        return run.data.metrics[metric]  # it finished, but its trial was not told (a stopped worker)
+    if run is not None and not _resumable(run_dir, run.info.run_id):
+        client.set_tag(run.info.run_id, "mta.superseded", "no checkpoint on this machine; trained again")
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+        run = None
+    if run is None:
+        run_id = create_child(client, context.experiment, context.parent, context.sweep, cell, trial.number)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(resolved_yaml(cell.config))
+        info = {
+            "run_id": run_id,
+            "tracking_uri": context.tracking_uri,
+            "source": f"{context.sweep.source} · {cell.run_name}",
+        }
+        (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    else:
+        run_id = run.info.run_id
+        client.set_tag(run_id, "optuna.trial", str(trial.number))
+    trial.set_user_attr("mlflow_run_id", run_id)
+
+    progress = run_dir / PROGRESS_FILE
+    with (run_dir / "child.log").open("a") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "mta_lab.sweep.child", str(run_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            final = _follow(trial, child, progress, metric)
+        finally:
+            _stop(child)
+    code = child.returncode
+    if code == 0:
+        if metric not in final:
+            logged = ", ".join(sorted(final)) or "no evaluation"
+            raise CellFailed(f"the run finished without logging '{metric}' (logged: {logged})")
+        return final[metric]
+    raise CellFailed(_failure_reason(client, run_id, run_dir, code))
+
+
+def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) -> dict[str, float]:
+    """Report the child's evaluations to the trial, prune if told to, and return its last metrics.
+
+    The whole file is read, also what an earlier attempt of the cell wrote: a resumed child may have
+    nothing left to train (Optuna ignores a second report for a step)."""
+    final: dict[str, float] = {}
+    offset = 0
+    while True:
+        running = child.poll() is None
+        if progress.is_file():
+            with progress.open() as stream:
+                stream.seek(offset)
+                for line in stream:
+                    if not line.endswith("\n"):
+                        break  # a partly written line: read it next time
+                    offset += len(line.encode())
+                    record = json.loads(line)
+                    if metric in record["metrics"]:
+                        final = record["metrics"]
+                        trial.report(final[metric], record["step"])
+                        if trial.should_prune():
+                            child.send_signal(signal.SIGTERM)
+                            child.wait(STOP_GRACE_S)
+                            raise optuna.TrialPruned(
+                                f"pruned at step {record['step']}: {metric}={final[metric]:.4g}"
+                            )
+        if not running:
+            return final
+        time.sleep(POLL_S)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """Make sure the child is gone: ask (SIGTERM, so it marks its run KILLED), then insist."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _failure_reason(client, run_id: str, run_dir: Path, code: int) -> str:
+    run = client.get_run(run_id)
+    if run.info.status == "RUNNING":  # killed before it could record anything (SIGKILL, OOM killer)
+        reason = f"the training process was killed (exit code {code})"
+        client.set_tag(run_id, "mta.error", reason)
+        client.set_terminated(run_id, "FAILED")
+        return reason
+    error = run.data.tags.get("mta.error")
+    if error:
+        return error
+    tail = (run_dir / "child.log").read_text().strip().splitlines()[-3:]
+    return f"exit code {code}: {' / '.join(tail)}"
+
+
+def _cell(trial: Trial, context: Context) -> Cell | None:
+    spec = context.sweep.spec
+    if spec.search is not None:
+        params = {key: _suggest(trial, key, param) for key, param in spec.search.params.items()}
+        cell = search_cell(context.sweep, params, spec.seeds[0])
+        for key, value in cell.attrs().items():
+            trial.set_user_attr(key, value)
+        return cell
+    attrs = trial.user_attrs
+    if "cell" not in attrs:
+        return None
+    # The launcher put the resolved config in the trial: workers on other machines need no sweep file.
+    config = load_config_text(attrs["config"], f"trial {trial.number} of {context.study.study_name}")
+    return Cell(attrs["label"], attrs["seed"], attrs["role"], attrs["axis"], (), config, attrs["cell"])
+
+
+def _suggest(trial: Trial, key: str, param) -> Any:
+    if param.type == Distribution.categorical:
+        return trial.suggest_categorical(key, param.choices)
+    if param.type == Distribution.int:
+        return trial.suggest_int(
+            key, int(param.low), int(param.high), step=int(param.step or 1), log=param.log
+        )
+    return trial.suggest_float(key, param.low, param.high, step=param.step, log=param.log)
+
+
+def _duplicate_of(study: optuna.Study, number: int, cell_hash: str) -> int | None:
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if other.number != number and other.user_attrs.get("cell") == cell_hash:
+            if other.state == TrialState.COMPLETE or _alive(other):
+                return other.number
+    return None
+
+
+def _more_work(study: optuna.Study, spec: SweepSpec) -> bool:
+    if spec.search is None:
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return len(study.get_trials(deepcopy=False, states=counted)) < spec.search.n_trials
+
+
+def recover_orphans(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker on this machine is gone (storages without heartbeats keep
+    them RUNNING forever); their cells are then run again. Returns the trial numbers."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker and worker["host"] == socket.gethostname() and not _alive(trial):
+            # Optuna has no public call to end another process's trial; its storage API does it.
+            study._storage.set_trial_user_attr(trial._trial_id, "error", "its worker died")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            failed.append(trial.number)
+    return failed
+
+
+def _alive(trial: FrozenTrial) -> bool:
+    worker = trial.user_attrs.get("worker")
+    if not worker or worker["host"] != socket.gethostname():
+        return True  # another machine's worker: its heartbeat, if any, decides
+    try:
+        os.kill(worker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _resumable(run_dir: Path, run_id: str) -> bool:
+    path = run_dir / RUN_FILE
+    return path.is_file() and json.loads(path.read_text())["run_id"] == run_id
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when its worker dies, so no training outlives its trial."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # Optuna fails the running trial on KeyboardInterrupt (not SystemExit)

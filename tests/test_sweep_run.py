@@ -1,0 +1,288 @@
+"""Sweeps that run: workers, storages, the MLflow topology, kills, interrupts and failures (CPU)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from mta_lab.sweep.storage import open_storage
+
+# Runs of a few steps: the child processes' start-up dominates.
+QUICK = """
+base: tiny
+baseline: false
+fixed:
+  data.seq_len: 16
+  data.corpora.stdlib: null
+  eval.batches: 1
+  eval.every: null
+  train.batch_size: 2
+  train.log_every: 1
+"""
+GRID = (
+    QUICK
+    + """
+axes:
+  model.mta.pre_qk_conv.query_kernel: [2, 4]
+  model.mta.pre_qk_conv.key_kernel: [3, 5]
+"""
+)
+
+
+def sweep_file(tmp_path: Path, body: str, seeds: str = "[0, 1]", steps: int = 3) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(body + f"seeds: {seeds}\nbudget: {{steps: {steps}}}\n")
+    return path
+
+
+def launch(path: Path, *args: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "mta_lab.cli",
+        "sweep",
+        str(path),
+        "--profile",
+        "full",
+        "--tracking-uri",
+        f"sqlite:///{path.parent}/mlflow.db",
+        "--runs-dir",
+        str(path.parent / "runs"),
+        *args,
+    ]
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def study(path: Path, name: str = "grid", storage: str | None = None) -> optuna.Study:
+    storage = storage or f"journal:{path.parent}/runs/sweeps/{name}/optuna.journal"
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def mlflow_runs(path: Path) -> tuple[list, list]:
+    client = MlflowClient(f"sqlite:///{path.parent}/mlflow.db")
+    experiment = client.get_experiment_by_name("grid").experiment_id
+    runs = client.search_runs([experiment], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("mta.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mta.role") != "parent"]
+    return parents, children
+
+
+def wait_for(predicate, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_two_workers_run_every_cell_once_with_the_mlflow_topology(tmp_path):
+    path = sweep_file(tmp_path, GRID)
+    result = launch(path, "--workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 of 8 cells already finished (skipped); 8 to run" in result.stdout
+
+    trials = study(path).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
+    assert len({t.user_attrs["cell"] for t in trials}) == 8
+    assert {t.user_attrs["worker"]["pid"] for t in trials}.__len__() == 2  # both workers took cells
+
+    (parent,), children = mlflow_runs(path)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "grid (full)"
+    assert parent.data.tags["mta.study"] == "grid" and parent.data.params["sweep.seeds"] == "[0, 1]"
+    assert parent.data.metrics["sweep/cells_finished"] == 8
+    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.tags["mta.config_hash"] for c in children} == {t.user_attrs["cell"] for t in trials}
+    child = next(c for c in children if c.info.run_name == "query_kernel=4 key_kernel=3 · seed 1")
+    tags = child.data.tags
+    assert (tags["mta.sweep"], tags["mta.role"], tags["mta.seed"], tags["mta.variant"]) == (
+        "grid",
+        "variant",
+        "1",
+        "query_kernel=4 key_kernel=3",
+    )
+    assert tags["mta.axis"] == "model.mta.pre_qk_conv.query_kernel,model.mta.pre_qk_conv.key_kernel"
+    assert tags["optuna.study"] == "grid" and tags["optuna.trial"].isdigit()
+    assert "mlflow.source.git.commit" in tags
+    assert (
+        child.data.params["model.mta.pre_qk_conv.query_kernel"] == "4"
+        and child.data.params["train.seed"] == "1"
+    )
+    assert "val/loss" in child.data.metrics
+
+    again = launch(path)
+    assert again.returncode == 0 and "8 of 8 cells already finished (skipped); 0 to run" in again.stdout
+    assert "every cell is done" in again.stdout
+    assert len(mlflow_runs(path)[1]) == 8  # nothing was run twice
+
+
+def test_a_killed_worker_loses_nothing_and_its_cell_resumes(tmp_path):
+    path = sweep_file(
+        tmp_path,
+        QUICK
+        + "variants: {a: {}, b: {model.mta.post_qk_conv: null}}\nfixed_extra: null\n".replace(
+            "fixed_extra: null\n", ""
+        ),
+        seeds="[0]",
+        steps=300,
+    )
+    path.write_text(
+        path.read_text().replace(
+            "  train.log_every: 1\n", "  train.log_every: 1\n  train.checkpoint_every: 5\n"
+        )
+    )
+    process = launch(path, wait=False)
+    checkpoints = str(tmp_path / "runs/sweeps/grid/cells/*/checkpoints/last.ckpt")
+    wait_for(lambda: glob.glob(checkpoints))
+    worker = subprocess.run(
+        ["pgrep", "-f", f"mta_lab.cli worker grid .*{tmp_path}"], capture_output=True, text=True
+    )
+    os.kill(int(worker.stdout.split()[0]), signal.SIGKILL)
+    process.wait(timeout=300)
+    assert process.returncode == 1  # the launcher reports the dead worker
+    (killed_run,) = [c for c in mlflow_runs(path)[1] if c.info.status != "FINISHED"] or [None]
+
+    result = launch(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "had lost their worker: their cells run again" in result.stdout or killed_run is None
+    states = [t.state for t in study(path).get_trials()]
+    assert states.count(TrialState.COMPLETE) == 2
+    (parent,), children = mlflow_runs(path)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)  # resumed, not repeated
+    if killed_run is not None:
+        assert killed_run.info.run_id in {c.info.run_id for c in children}
+    assert parent.info.status == "FINISHED"
+
+
+def test_ctrl_c_stops_everything_cleanly_and_resumes(tmp_path):
+    path = sweep_file(tmp_path, QUICK + "variants: {a: {}}\n", seeds="[0]", steps=400)
+    path.write_text(
+        path.read_text().replace(
+            "  train.log_every: 1\n", "  train.log_every: 1\n  train.checkpoint_every: 5\n"
+        )
+    )
+    process = launch(path, wait=False)
+    wait_for(lambda: glob.glob(str(tmp_path / "runs/sweeps/grid/cells/*/checkpoints/last.ckpt")))
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    process.wait(timeout=300)
+    assert process.returncode == 130
+    parents, children = mlflow_runs(path)
+    assert [r.info.status for r in parents + children] == ["KILLED", "KILLED"]
+    assert [t.state for t in study(path).get_trials()] == [TrialState.FAIL]  # nothing left RUNNING
+
+    result = launch(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    parents, children = mlflow_runs(path)
+    assert [r.info.status for r in parents + children] == ["FINISHED", "FINISHED"]
+
+
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
+    path = sweep_file(
+        tmp_path, QUICK + "variants: {fine: {}, diverges: {train.optim.lr: 1.0e+30}}\n", seeds="[0]", steps=6
+    )
+    result = launch(path)
+    assert result.returncode == 1  # not every cell finished
+    assert "failed diverges · seed 0: FloatingPointError: the training loss is" in result.stdout
+    trials = {t.user_attrs["label"]: t for t in study(path).get_trials()}
+    assert trials["fine"].state == TrialState.COMPLETE and trials["diverges"].state == TrialState.FAIL
+    (parent,), children = mlflow_runs(path)
+    by_name = {c.data.tags["mta.variant"]: c for c in children}
+    assert (
+        by_name["diverges"].info.status == "FAILED"
+        and "loss is" in by_name["diverges"].data.tags["mta.error"]
+    )
+    assert by_name["fine"].info.status == "FINISHED" and parent.info.status == "FAILED"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package)."""
+
+    def unavailable(reason: str):
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {reason}")
+        pytest.skip(reason)
+
+    initdb = shutil.which("initdb") or next(iter(glob.glob("/usr/lib/postgresql/*/bin/initdb")), None)
+    if initdb is None:
+        unavailable("no PostgreSQL server binaries (apt-get install postgresql)")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    base = Path(tempfile.mkdtemp(prefix="mta-lab-pg-"))  # under /tmp: the postgres user must reach it
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            unavailable("running as root without runuser")
+        shutil.chown(base, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = base / "data"
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True
+    )
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_workers_share_a_postgresql_study(tmp_path, postgres):
+    path = sweep_file(tmp_path, GRID, seeds="[0]")
+    result = launch(path, "--workers", "2", "--storage", postgres)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = study(path, storage=postgres).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 and len(
+        {t.user_attrs["cell"] for t in trials}
+    ) == 4
+    assert len(mlflow_runs(path)[1]) == 4
+    # A third machine would join the same way: `mta-lab worker grid --storage <url> --tracking-uri <url>`.
+    joined = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mta_lab.cli",
+            "worker",
+            "grid",
+            "--profile",
+            "full",
+            "--storage",
+            postgres,
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert joined.returncode == 0, joined.stderr  # nothing left to do: it exits at once
+    assert len(study(path, storage=postgres).get_trials()) == 4
