@@ -131,6 +131,25 @@ def test_two_workers_run_every_cell_once_with_the_mlflow_topology(tmp_path):
     assert "every cell is done" in again.stdout
     assert len(mlflow_runs(path)[1]) == 8  # nothing was run twice
 
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mta_lab.cli",
+            "status",
+            str(path),
+            "--profile",
+            "full",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0 and "grid: 8 cells: 8 done; best val/loss = " in status.stdout
+    assert status.stdout.count(" done ") == 8 and child.info.run_id in status.stdout
+
 
 def test_a_killed_worker_loses_nothing_and_its_cell_resumes(tmp_path):
     path = sweep_file(
