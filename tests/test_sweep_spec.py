@@ -193,5 +193,5 @@ def test_dry_run_lists_cells_and_starts_nothing(tmp_path, capsys, monkeypatch):
     assert (
         "experiment 'kernel_size', parent run 'kernel_size (cpu)'" in out and "study 'kernel_size-cpu'" in out
     )
-    assert "100 steps x 1,024 tokens" in out and "dry run: nothing was started" in out
+    assert "150 steps x 1,024 tokens" in out and "dry run: nothing was started" in out
     assert list(tmp_path.iterdir()) == []

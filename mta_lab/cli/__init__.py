@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mta_lab.cli import common, models, runs, sweeps
+from mta_lab.cli import analysis, common, models, runs, sweeps
 from mta_lab.config import ConfigError, preset_names
 from mta_lab.data.errors import DataError
 
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each layer runs")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     sweeps.register(commands)
+    analysis.register(commands)
     runs.register(commands)
     models.register(commands)
     return parser

@@ -129,6 +129,9 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
         )
         try:
             final = _follow(trial, child, progress, metric)
+        except optuna.TrialPruned:
+            client.set_tag(run_id, "mta.pruned", f"at step {trial.user_attrs.get('pruned_at')}")
+            raise
         finally:
             _stop(child)
     code = child.returncode
@@ -161,6 +164,7 @@ def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) 
                         final = record["metrics"]
                         trial.report(final[metric], record["step"])
                         if trial.should_prune():
+                            trial.set_user_attr("pruned_at", record["step"])
                             child.send_signal(signal.SIGTERM)
                             child.wait(STOP_GRACE_S)
                             raise optuna.TrialPruned(

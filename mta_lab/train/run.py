@@ -182,6 +182,10 @@ def fit_run(
         total_steps = config.train.total_steps(config.data.seq_len)
         eval_batch = config.eval.batch_size or config.train.batch_size
         module = LanguageModel(config, total_steps, Evaluator(run_data, config.eval.batches, eval_batch))
+        if not resume:  # the cost side of a comparison
+            record.log_metrics(
+                {"model/parameters": sum(p.numel() for p in module.model.parameters())}, step=0
+            )
         with warnings.catch_warnings():
             _quiet_lightning()
             trainer = _trainer(
