@@ -32,6 +32,7 @@ from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_storage
 from mta_lab.sweep.tracking import client_for, experiment_id, parent_run
 from mta_lab.sweep.worker import recover_orphans
+from mta_lab.train.signals import stop_once
 from mta_lab.train.tracking import RunRecord, flat_params, resolve_tracking_uri
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -184,6 +185,20 @@ def launch(
     client = client_for(uri)
     experiment = experiment_id(client, sweep.spec.name)
     parent = parent_run(client, experiment, sweep, flat_params(sweep.spec, prefix="sweep"))
+    with stop_once():  # Ctrl-C (the workers get it too) or SIGTERM: stop once, record it once
+        try:
+            return _start(
+                sweep, cells, slots, storage, uri, runs_dir, sweep_dir, client, experiment, parent, console
+            )
+        except BaseException as error:  # before or after the workers ran: never leave the parent RUNNING
+            client.set_terminated(parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+
+
+def _start(
+    sweep, cells, slots, storage, uri, runs_dir, sweep_dir, client, experiment, parent, console
+) -> int:
+    """Register the sweep in its study, enqueue the cells, run the workers and end the parent run."""
     study = open_study(sweep, storage, create=True)
     attrs = {
         "spec": OmegaConf.to_container(OmegaConf.structured(sweep.spec), enum_to_str=True),
@@ -284,7 +299,6 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
         )
     total = _total(study, sweep)
     reported: set[int] = set()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with Progress(
             TextColumn("{task.description}"),
@@ -309,8 +323,6 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
         for p in processes:
             p.wait()
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     failed = [i for i, p in enumerate(processes) if p.returncode not in (0, None)]
     if failed:
         console.print(f"[red]workers {failed} stopped with an error: see {logs}[/red]")
@@ -382,7 +394,3 @@ def _finish_parent(client, parent: str, study, sweep, interrupted: bool = False)
     status = "KILLED" if interrupted else ("FINISHED" if done else "FAILED")
     client.set_terminated(parent, status)
     return status
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt

@@ -31,6 +31,7 @@ from mta_lab.sweep.child import PROGRESS_FILE
 from mta_lab.sweep.spec import Cell, Profile, Sweep, search_cell
 from mta_lab.sweep.tracking import client_for, create_child, find_child
 from mta_lab.train.run import CONFIG_FILE, RUN_FILE
+from mta_lab.train.signals import stop_once
 
 POLL_S = 0.5
 STOP_GRACE_S = 120
@@ -70,9 +71,9 @@ class Context:
 def run_worker(study: optuna.Study, context: Context) -> None:
     """Train cells until none is waiting (an ablation) or the search has its trials."""
     recover_orphans(study)
-    signal.signal(signal.SIGTERM, _interrupt)
-    while _more_work(study, context.sweep.spec):
-        study.optimize(lambda trial: objective(trial, context), n_trials=1, catch=(CellFailed,))
+    with stop_once():  # Ctrl-C arrives here and from the launcher (SIGTERM): stop the child once
+        while _more_work(study, context.sweep.spec):
+            study.optimize(lambda trial: objective(trial, context), n_trials=1, catch=(CellFailed,))
 
 
 def objective(trial: Trial, context: Context) -> float:
@@ -132,6 +133,10 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
         except optuna.TrialPruned:
             client.set_tag(run_id, "mta.pruned", f"at step {trial.user_attrs.get('pruned_at')}")
             raise
+        except KeyboardInterrupt:
+            _stop(child)
+            _end_if_running(client, run_id, "KILLED")  # the child was stopped before it could say so
+            raise
         finally:
             _stop(child)
     code = child.returncode
@@ -186,14 +191,21 @@ def _stop(child: subprocess.Popen) -> None:
             child.wait()
 
 
-def _failure_reason(client, run_id: str, run_dir: Path, code: int) -> str:
-    run = client.get_run(run_id)
-    if run.info.status == "RUNNING":  # killed before it could record anything (SIGKILL, OOM killer)
-        reason = f"the training process was killed (exit code {code})"
+def _end_if_running(client, run_id: str, status: str, reason: str | None = None) -> bool:
+    """End a run its training process left RUNNING (it was killed before it could record anything)."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    if reason:
         client.set_tag(run_id, "mta.error", reason)
-        client.set_terminated(run_id, "FAILED")
+    client.set_terminated(run_id, status)
+    return True
+
+
+def _failure_reason(client, run_id: str, run_dir: Path, code: int) -> str:
+    reason = f"the training process was killed (exit code {code})"  # SIGKILL, the OOM killer
+    if _end_if_running(client, run_id, "FAILED", reason):
         return reason
-    error = run.data.tags.get("mta.error")
+    error = client.get_run(run_id).data.tags.get("mta.error")
     if error:
         return error
     tail = (run_dir / "child.log").read_text().strip().splitlines()[-3:]
@@ -277,7 +289,3 @@ def _die_with_parent() -> None:
     """Linux: the child gets SIGTERM when its worker dies, so no training outlives its trial."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # Optuna fails the running trial on KeyboardInterrupt (not SystemExit)

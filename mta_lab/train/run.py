@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from mta_lab.data.run_data import RunData, load_run_data
 from mta_lab.train.device import training_device
 from mta_lab.train.evaluate import Evaluator
 from mta_lab.train.module import LanguageModel
+from mta_lab.train.signals import stop_once
 from mta_lab.train.tracking import (
     MlflowLogger,
     RunRecord,
@@ -51,10 +51,6 @@ class RunResult:
     tracking_uri: str
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM outside Lightning's own handling: stop like Ctrl-C."""
 
 
 class MixtureData(L.LightningDataModule):
@@ -171,41 +167,40 @@ def fit_run(
     the same metrics as MLflow. Every way out sets the run's terminal status."""
     device = training_device()
     status, module = "FAILED", None
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not resume:
-            _record_start(config, record, run_dir, uri, device, source)
-        # A run killed before its first checkpoint starts over, in the same MLflow run.
-        checkpoint = last if resume and last.is_file() else None
+    with stop_once():  # a second Ctrl-C or SIGTERM must not cut the status update short
+        try:
+            last = run_dir / "checkpoints" / "last.ckpt"
+            if not resume:
+                _record_start(config, record, run_dir, uri, device, source)
+            # A run killed before its first checkpoint starts over, in the same MLflow run.
+            checkpoint = last if resume and last.is_file() else None
 
-        total_steps = config.train.total_steps(config.data.seq_len)
-        eval_batch = config.eval.batch_size or config.train.batch_size
-        module = LanguageModel(config, total_steps, Evaluator(run_data, config.eval.batches, eval_batch))
-        if not resume:  # the cost side of a comparison
-            record.log_metrics(
-                {"model/parameters": sum(p.numel() for p in module.model.parameters())}, step=0
-            )
-        with warnings.catch_warnings():
-            _quiet_lightning()
-            trainer = _trainer(
-                config, total_steps, [MlflowLogger(record), *loggers], run_dir, device, progress
-            )
-            trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
-        trainer.save_checkpoint(last)
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit, SIGTERMException) as error:
-        # Ctrl-C (Lightning exits after its graceful shutdown), SIGTERM: an interruption, not a failure.
-        status = "KILLED"
-        record.set_tags({"mta.stopped": type(error).__name__})
-        raise
-    except BaseException as error:
-        record.set_tags({"mta.error": f"{type(error).__name__}: {error}"[:5000]})
-        record.log_text(traceback.format_exc(), "error.txt")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        record.end(status)
+            total_steps = config.train.total_steps(config.data.seq_len)
+            eval_batch = config.eval.batch_size or config.train.batch_size
+            module = LanguageModel(config, total_steps, Evaluator(run_data, config.eval.batches, eval_batch))
+            if not resume:  # the cost side of a comparison
+                record.log_metrics(
+                    {"model/parameters": sum(p.numel() for p in module.model.parameters())}, step=0
+                )
+            with warnings.catch_warnings():
+                _quiet_lightning()
+                trainer = _trainer(
+                    config, total_steps, [MlflowLogger(record), *loggers], run_dir, device, progress
+                )
+                trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
+            trainer.save_checkpoint(last)
+            status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit, SIGTERMException) as error:
+            # Ctrl-C (Lightning exits after its graceful shutdown), SIGTERM: an interruption, not a failure.
+            status = "KILLED"
+            record.set_tags({"mta.stopped": type(error).__name__})
+            raise
+        except BaseException as error:
+            record.set_tags({"mta.error": f"{type(error).__name__}: {error}"[:5000]})
+            record.log_text(traceback.format_exc(), "error.txt")
+            raise
+        finally:
+            record.end(status)
     return RunResult(record.run_id, run_dir, uri, status, module.final_metrics if module else {})
 
 
@@ -254,10 +249,6 @@ def _trainer(
         num_sanity_val_steps=0,
         default_root_dir=run_dir,
     )
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted()
 
 
 def _quiet_lightning() -> None:

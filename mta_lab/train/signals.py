@@ -1,0 +1,55 @@
+"""Stopping on Ctrl-C or SIGTERM without losing the record of what was stopped.
+
+A sweep's Ctrl-C reaches the launcher, its workers and their training processes at once, and the
+launcher and the workers then pass SIGTERM down as well. Each process must turn the *first* of these
+signals into an exception and let the cleanup it starts (marking MLflow runs KILLED, failing Optuna
+trials, stopping children) run to the end: a second signal landing inside that cleanup would leave a
+run RUNNING forever.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (Ctrl-C or SIGTERM); handled like Ctrl-C everywhere."""
+
+
+class _FirstSignal:
+    """A handler that raises once and ignores the signals after it.
+
+    A flag, not a change of disposition: Lightning saves and later restores the handlers it finds, so
+    only the handler object itself reliably remembers that it already fired."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        raise Interrupted(signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_once() -> Iterator[None]:
+    """Within the block, the first SIGINT or SIGTERM raises :class:`Interrupted`; later ones are ignored.
+
+    Put the cleanup (``except``/``finally``) inside the block. Outside the main thread (where
+    handlers cannot be installed) the block runs unchanged."""
+    try:
+        handler = _FirstSignal()
+        previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)

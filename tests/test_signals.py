@@ -1,0 +1,31 @@
+"""Ctrl-C and SIGTERM: the first stops the work, later ones cannot cut the cleanup short."""
+
+import os
+import signal
+
+import pytest
+
+from mta_lab.train.signals import Interrupted, stop_once
+
+
+def test_the_first_signal_interrupts_and_later_ones_do_not_cut_the_cleanup_short():
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    cleaned = []
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        with stop_once():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.sigtimedwait([], 0)  # let the handler run (it runs between bytecodes)
+            finally:
+                os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C during the cleanup
+                os.kill(os.getpid(), signal.SIGTERM)
+                cleaned.append("status recorded")
+    assert cleaned == ["status recorded"]
+    assert {number: signal.getsignal(number) for number in before} == before
+
+
+def test_ctrl_c_is_a_keyboard_interrupt_for_the_code_that_handles_one():
+    with pytest.raises(KeyboardInterrupt):
+        with stop_once():
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0)
