@@ -9,6 +9,11 @@ from mta_lab.config import GateKind, HeadMixConfig, MTAConfig, OutNormConfig, QK
 from mta_lab.model import Attention, plan_layers
 from mta_lab.model.layers import rope_tables
 
+# Without a GPU, Triton kernels run through Triton's interpreter (numpy on CPU); it must be switched on
+# before the kernels are defined, so before anything imports mta_lab.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 MTA_STAGES = ("pre_qk_conv", "pre_head_mix", "post_qk_conv", "post_head_mix")
 
 

@@ -30,6 +30,17 @@ def test_model_sources_import_only_torch_config_and_stdlib():
                 assert allowed.match(line), f"{path.name}: {line}"
 
 
+def test_kernels_import_only_torch_triton_and_stdlib():
+    """The fused path sits below the model library: it knows tensors, not configs or modules."""
+    allowed = re.compile(
+        r"^(from|import) (__future__|torch|triton|mta_lab\.kernels|os|collections|dataclasses)\b"
+    )
+    for path in (ROOT / "mta_lab" / "kernels").glob("*.py"):
+        for line in path.read_text().splitlines():
+            if re.match(r"^\s*(from|import) ", line):
+                assert allowed.match(line.strip()), f"{path.name}: {line}"
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = [

@@ -49,6 +49,9 @@ def test_check_trains_the_tiny_preset(capsys):
         ["info", "no-such-preset"],
         ["info", "tiny", "model.n_kv_heads=3"],
         ["check", "tiny", "--seq-len", "5000"],
+        ["info", "tiny", "model.attention_kernel=fast"],
+        ["bench", "attention", "no-such-layer"],
+        ["bench", "attention", "--paths", "sdpa,flash"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, capsys):
@@ -73,3 +76,13 @@ def test_console_script_exit_code():
         "mta-lab: error: override 'model.mta.pre_qk_conv.key_kernel=4': model.mta.pre_qk_conv.key_kernel: "
         "4 is even, but key_padding=both needs an odd key_kernel (allowed: odd values, or key_padding=left|right)"
     ]
+
+
+def test_bench_attention_times_every_path(capsys):
+    """On CPU the fused kernel runs under Triton's interpreter (conftest), so every path has a time."""
+    pytest.importorskip("triton")
+    argv = ["bench", "attention", "convs-6x11-mix-c2", "--seq-len", "40", "--heads", "2", "--head-dim", "8"]
+    assert main([*argv, "--repeats", "1", "--paths", "sdpa,reference,fused"]) == 0
+    rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()[2:5]}
+    assert set(rows) == {"sdpa", "reference", "fused"}
+    assert all(float(row[3]) > 0 for row in rows.values())  # forward+backward ms

@@ -1,4 +1,4 @@
-"""Run commands: ``train`` (and ``--resume``), ``data prepare``, ``bench train``."""
+"""Run commands: ``train`` (and ``--resume``), ``data prepare``, ``bench train`` and ``bench attention``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,35 @@ def register(commands) -> None:
         help="an override for every preset, e.g. --set train.batch_size=4",
     )
     bench_train.set_defaults(run=_bench_train)
+
+    bench_attention = bench.add_parser(
+        "attention",
+        help="one attention layer: SDPA vs the reference MTA path vs the fused kernel",
+        description="Time forward and forward+backward of one attention layer's core (after the q, k, v "
+        "projections) and its peak extra GPU memory, as plain SDPA, the reference MTA path (eager and "
+        "torch.compile) and the fused Triton kernel. Medians over repeats with CUDA events; ratios are to "
+        "SDPA. Defaults: the issue's shape (B=8, H=16, T=2048, d=64, bf16) on a GPU, a small fp32 shape "
+        "on CPU (where the fused kernel runs only under TRITON_INTERPRET=1).",
+    )
+    bench_attention.add_argument(
+        "layers", nargs="*", default=["pre-conv-6x11", "paper-layer"], metavar="LAYER", help="MTA layers"
+    )
+    bench_attention.add_argument(
+        "--paths", default="sdpa,reference,reference-compiled,fused", help="comma-separated"
+    )
+    bench_attention.add_argument("--batch", type=common.positive_int, help="default 8 on GPU, 1 on CPU")
+    bench_attention.add_argument("--heads", type=common.positive_int, help="default 16 on GPU, 4 on CPU")
+    bench_attention.add_argument(
+        "--seq-len", type=common.positive_int, help="default 2048 on GPU, 256 on CPU"
+    )
+    bench_attention.add_argument("--head-dim", type=common.positive_int, default=None, help="default 64 / 32")
+    bench_attention.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU"
+    )
+    bench_attention.add_argument(
+        "--repeats", type=common.positive_int, default=10, help="timed repeats (default 10)"
+    )
+    bench_attention.set_defaults(run=_bench_attention)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -187,6 +216,66 @@ def _bench_train(args: argparse.Namespace) -> int:
     console.print(
         f"device: {device}; {args.steps} timed steps after {args.warmup} warm-up steps; peak MB is "
         "GPU memory allocated on CUDA, the process's peak resident memory on CPU",
+        highlight=False,
+    )
+    return 0
+
+
+def _bench_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from mta_lab.train.bench_attention import LAYERS, PATHS, Shape, bench_attention
+    from mta_lab.train.device import training_device
+
+    unknown = sorted(set(args.layers) - set(LAYERS))
+    if unknown:
+        raise common.UsageError(f"LAYER: unknown {', '.join(unknown)} (allowed: {', '.join(LAYERS)})")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise common.UsageError(f"--paths: unknown {', '.join(unknown)} (allowed: {', '.join(PATHS)})")
+    device = training_device()
+    gpu = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if gpu else "fp32")
+    ]
+    shape = Shape(
+        batch=args.batch or (8 if gpu else 1),
+        heads=args.heads or (16 if gpu else 4),
+        seq_len=args.seq_len or (2048 if gpu else 256),
+        head_dim=args.head_dim or (64 if gpu else 32),
+        dtype=dtype,
+    )
+    console = common.console()
+    with console.status("measuring ...") as status:
+        timings = bench_attention(args.layers, paths, shape, args.repeats, device, progress=status.update)
+    sdpa = next((t for t in timings if t.path == "sdpa" and t.backward_ms), None)
+
+    def ms(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    table = Table(
+        "layer", "path", "fwd ms", "fwd+bwd ms", "extra GiB", "fwd+bwd vs SDPA", "memory vs SDPA", "note",
+        title=f"Attention layer, B={shape.batch} H={shape.heads} T={shape.seq_len} d={shape.head_dim} "
+        f"{str(dtype).removeprefix('torch.')}",
+        title_justify="left",
+        box=None,
+    )  # fmt: skip
+    for t in timings:
+        speed = f"{t.backward_ms / sdpa.backward_ms:.1f}x" if sdpa and t.backward_ms else "-"
+        memory = (
+            f"{t.extra_gib / sdpa.extra_gib:.1f}x"
+            if sdpa and sdpa.extra_gib and t.extra_gib is not None
+            else "-"
+        )
+        table.add_row(
+            t.layer, t.path, ms(t.forward_ms), ms(t.backward_ms), ms(t.extra_gib), speed, memory, t.note
+        )
+    console.print(table)
+    name = torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)"
+    console.print(
+        f"device: {name}; medians of {args.repeats} repeats after a warm-up"
+        + ("" if gpu else "; memory is measured on CUDA only"),
         highlight=False,
     )
     return 0

@@ -2,6 +2,7 @@
 
 from mta_lab.config.loading import ConfigError, load_config, preset_names, resolved_yaml
 from mta_lab.config.model import (
+    AttentionKernel,
     ConfigFieldError,
     DepthScaling,
     GateKind,
@@ -23,6 +24,7 @@ __all__ = [
     "DepthScaling",
     "GateKind",
     "HeadMixConfig",
+    "AttentionKernel",
     "InitStdFactor",
     "KernelInit",
     "KeyPadding",

@@ -82,6 +82,17 @@ class GateKind(str, Enum):
     """Linear(head_dim, head_dim): one gate per channel."""
 
 
+class AttentionKernel(str, Enum):
+    """How layers with score-map stages (key-query convs, head mixing) compute attention."""
+
+    auto = "auto"
+    """The fused Triton kernel on CUDA where it covers the layer, else the reference path."""
+    reference = "reference"
+    """Always the materialised (batch, head, query, key) score map: the definition of correct."""
+    fused = "fused"
+    """The fused kernel wherever it covers the layer, also on CPU (slowly, under TRITON_INTERPRET=1)."""
+
+
 class InitStdFactor(str, Enum):
     """Divisor of the output projections' init std per layer (Lingua's ``init_std_factor``)."""
 
@@ -336,6 +347,8 @@ class ModelConfig:
     """Factor after each block's pre-norms (official ``curse_norm`` is ``diff``)."""
     mta: MTAConfig | None = None
     """Multi-Token Attention; null is the plain-attention baseline."""
+    attention_kernel: AttentionKernel = AttentionKernel.auto
+    """Fused kernel or reference score map for MTA layers; the same numbers either way."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):

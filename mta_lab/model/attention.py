@@ -2,8 +2,9 @@
 
 One module serves every variant: with no stage on it is plain attention through
 ``scaled_dot_product_attention``; talking heads and MTA switch stages on. Stages that work on the
-(query, key) map run on an explicit score map (the reference path). A fused kernel can later take
-over that path behind this same module, configs unchanged.
+(query, key) map run either on an explicit score map (the reference path, the definition of
+correct) or in the fused O(T)-memory Triton kernel (``mta_lab.kernels``), chosen per call by
+``ModelConfig.attention_kernel`` and the device; both use the same parameters.
 
 Shape legend: b batch, t positions, h query heads, n key/value heads, d head dim,
 q query positions, k key positions (q = k = t).
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mta_lab.config import ModelConfig, MTAConfig
-from mta_lab.model.layers import apply_rope, at_least_fp32
+from mta_lab.config import AttentionKernel, ModelConfig, MTAConfig
+from mta_lab.model.layers import apply_rope
 from mta_lab.model.mechanisms import HeadMix, HeadOutNorm, QKConv
 from mta_lab.model.plan import LayerPlan
 
@@ -47,6 +48,7 @@ class Attention(nn.Module):
             HeadOutNorm(mta.out_norm, self.head_dim, plan.out_norm_scale) if mta.out_norm else None
         )
         self.uses_score_map = plan.uses_score_map
+        self.kernel, self.layer_id, self._logged_path = config.attention_kernel, plan.layer_id, None
         logger.info("layer %d: %s", plan.layer_id, plan.describe())
 
     def forward(self, x_btd: torch.Tensor, cos_tf: torch.Tensor, sin_tf: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,9 @@ class Attention(nn.Module):
         v_btnd = self.wv(x_btd).view(b, t, self.n_kv_heads, self.head_dim)
         q_bhtd, k_bntd, v_bntd = (x.transpose(1, 2) for x in (q_bthd, k_btnd, v_btnd))
 
-        if self.uses_score_map:
+        if self.uses_score_map and self._use_fused(q_bhtd):
+            out_bhtd = self._fused_attention(q_bhtd, k_bntd, v_bntd)
+        elif self.uses_score_map:
             out_bhtd = self._score_map_attention(q_bhtd, k_bntd, v_bntd)
         else:
             out_bhtd = F.scaled_dot_product_attention(
@@ -72,6 +76,55 @@ class Attention(nn.Module):
             out_bthd = self.out_norm(out_bthd)
         return self.wo(out_bthd.reshape(b, t, self.n_heads * self.head_dim))
 
+    def _use_fused(self, q_bhtd: torch.Tensor) -> bool:
+        """The path for this call, logged once per layer (and again if it changes)."""
+        from mta_lab.kernels import band_flash
+
+        dropout = self.training and self.dropout > 0
+        if self.kernel == AttentionKernel.fused and not band_flash.available():
+            raise RuntimeError(
+                "model.attention_kernel=fused needs Triton (pip install triton); "
+                "use attention_kernel=auto or reference"
+            )
+        if self.kernel == AttentionKernel.reference:
+            path, why = "reference", "attention_kernel=reference"
+        elif dropout:
+            path, why = "reference", "the fused kernel has no attention dropout"
+        elif self.kernel == AttentionKernel.fused:
+            path, why = "fused", "attention_kernel=fused"
+        elif not (q_bhtd.is_cuda and band_flash.available()):
+            path, why = "reference", "the fused kernel runs on CUDA with Triton"
+        else:
+            path, why = "fused", "auto on CUDA"
+        if path != self._logged_path:
+            logger.info("layer %d: MTA on the %s path (%s)", self.layer_id, path, why)
+            self._logged_path = path
+        return path == "fused"
+
+    def _fused_attention(
+        self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor
+    ) -> torch.Tensor:
+        """The same stages as :meth:`_score_map_attention`, in O(T) memory (mta_lab.kernels.mta)."""
+        from mta_lab.kernels.band_flash import band_attention
+        from mta_lab.kernels.mta import ConvTaps, fused_mta_attention
+
+        repeat = self.n_heads // self.n_kv_heads
+        return fused_mta_attention(
+            q_bhtd,
+            k_bntd.repeat_interleave(repeat, dim=1),
+            v_bntd.repeat_interleave(repeat, dim=1),
+            scale=self.head_dim**-0.5,
+            pre_conv=ConvTaps(self.pre_qk_conv.weight, self.pre_qk_conv.config.left_pad)
+            if self.pre_qk_conv
+            else None,
+            pre_mix=self.pre_head_mix.weight if self.pre_head_mix else None,
+            post_conv=ConvTaps(self.post_qk_conv.weight, self.post_qk_conv.config.left_pad)
+            if self.post_qk_conv
+            else None,
+            post_mix=self.post_head_mix.weight if self.post_head_mix else None,
+            attention=band_attention,
+        )
+
     def _score_map_attention(
         self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor
     ) -> torch.Tensor:
@@ -83,17 +136,18 @@ class Attention(nn.Module):
         v_bhtd = v_bntd.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         future_qk = torch.ones(t, t, dtype=torch.bool, device=q_bhtd.device).triu(1)
 
-        # Scale before the convolution, as the official code does (spec 1.1 step 5).
+        # Scale before the convolution, as the official code does (spec 1.1 step 5). Masks are filled in
+        # place: no op before them keeps its output for backward, so no map is copied to be masked.
         scores_bhqk = (q_bhtd @ k_bhtd.transpose(-2, -1)) * self.head_dim**-0.5
         if self.pre_qk_conv is not None:  # Eq. 5: Conv(Mask_0(scores))
-            scores_bhqk = self.pre_qk_conv(scores_bhqk.masked_fill(future_qk, 0.0))
+            scores_bhqk = self.pre_qk_conv(scores_bhqk.masked_fill_(future_qk, 0.0))
         if self.pre_head_mix is not None:
             scores_bhqk = self.pre_head_mix(scores_bhqk)
-        # Softmax in >= fp32 (spec 1.1 step 8); masked entries become exact zeros.
-        probs_bhqk = torch.softmax(at_least_fp32(scores_bhqk.masked_fill(future_qk, float("-inf"))), dim=-1)
-        probs_bhqk = probs_bhqk.type_as(q_bhtd)
+        # Softmax in fp32 (spec 1.1 step 8): for 16-bit maps torch's softmax accumulates in fp32 and rounds
+        # once, the numbers of an fp32 copy without its two fp32 maps. Masked entries become exact zeros.
+        probs_bhqk = torch.softmax(scores_bhqk.masked_fill_(future_qk, float("-inf")), dim=-1)
         if self.post_qk_conv is not None:  # Eq. 6: Mask_0(Conv(probs)); rows are not renormalised
-            probs_bhqk = self.post_qk_conv(probs_bhqk).masked_fill(future_qk, 0.0)
+            probs_bhqk = self.post_qk_conv(probs_bhqk).masked_fill_(future_qk, 0.0)
         if self.post_head_mix is not None:
             probs_bhqk = self.post_head_mix(probs_bhqk)
         probs_bhqk = F.dropout(probs_bhqk, p=self.dropout, training=self.training)

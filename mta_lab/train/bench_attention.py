@@ -1,0 +1,201 @@
+"""``mta-lab bench attention``: one attention layer's core (after the q, k, v projections) timed as
+plain SDPA, the reference MTA path (eager and compiled) and the fused kernel, in one process.
+
+Times are medians over repeats, taken with CUDA events on a GPU (wall clock on CPU); "extra memory"
+is the peak allocated during one forward+backward minus what was allocated before it (inputs).
+Ratios are to SDPA's forward+backward at the same shape. The anchors in the issue use B=8, H=16,
+T=2048, d=64, bf16 on an H100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mta_lab.config import (
+    AttentionKernel,
+    GateKind,
+    HeadMixConfig,
+    ModelConfig,
+    MTAConfig,
+    OutNormConfig,
+    QKConvConfig,
+)
+
+
+def _conv() -> QKConvConfig:
+    return QKConvConfig(query_kernel=6, key_kernel=11)
+
+
+LAYERS: dict[str, Callable[[], MTAConfig]] = {
+    "pre-conv-6x11": lambda: MTAConfig(pre_qk_conv=_conv()),
+    "convs-6x11": lambda: MTAConfig(pre_qk_conv=_conv(), post_qk_conv=_conv()),
+    "convs-6x11-mix-c2": lambda: MTAConfig(
+        pre_qk_conv=_conv(),
+        pre_head_mix=HeadMixConfig(group_size=2),
+        post_qk_conv=_conv(),
+        post_head_mix=HeadMixConfig(group_size=2),
+    ),
+    "talking-heads": lambda: MTAConfig(pre_head_mix=HeadMixConfig(), post_head_mix=HeadMixConfig()),
+    "paper-layer": lambda: MTAConfig(  # the paper's MTA layer: convs and full mixing around softmax
+        pre_qk_conv=_conv(),
+        pre_head_mix=HeadMixConfig(),
+        post_qk_conv=_conv(),
+        post_head_mix=HeadMixConfig(),
+        out_norm=OutNormConfig(gate=GateKind.scalar),
+    ),
+}
+"""MTA layer configurations that can be benchmarked, by name."""
+
+PATHS = ("sdpa", "reference", "reference-compiled", "fused")
+
+
+@dataclass
+class Timing:
+    layer: str
+    path: str
+    forward_ms: float | None
+    backward_ms: float | None
+    """Forward + backward."""
+    extra_gib: float | None
+    note: str = ""
+
+
+@dataclass
+class Shape:
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+def bench_attention(
+    layers: list[str], paths: list[str], shape: Shape, repeats: int, device: torch.device, progress=None
+) -> list[Timing]:
+    """Time every (layer, path); SDPA once, as the denominator."""
+    timings = []
+    if "sdpa" in paths:
+        timings.append(_measure("plain", "sdpa", _sdpa, shape, repeats, device))
+    for name in layers:
+        module = _attention(name, shape, device)
+        for path in paths:
+            if path == "sdpa":
+                continue
+            if progress:
+                progress(f"{name} · {path}")
+            run, note = _core(module, path, device)
+            timings.append(
+                _measure(name, path, run, shape, repeats, device)
+                if run
+                else Timing(name, path, None, None, None, note)
+            )
+    return timings
+
+
+def _attention(name: str, shape: Shape, device: torch.device):
+    from mta_lab.model import Attention, plan_layers
+
+    config = ModelConfig(
+        dim=shape.heads * shape.head_dim,
+        n_heads=shape.heads,
+        n_layers=1,
+        mta=LAYERS[name](),
+        attention_kernel=AttentionKernel.fused,
+    )
+    module = Attention(config, plan_layers(config)[0]).to(device)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # kernels and mixes away from identity, as in training
+        for parameter in module.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator).to(device))
+    return module
+
+
+def _core(module, path: str, device: torch.device):
+    from mta_lab.kernels import band_flash
+
+    if path == "reference":
+        return module._score_map_attention, ""
+    if path == "reference-compiled":
+        return torch.compile(module._score_map_attention), ""
+    if not band_flash.available():
+        return None, "needs triton"
+    if device.type != "cuda" and not band_flash.interpreting():
+        return None, "CPU: set TRITON_INTERPRET=1 (slow)"
+    return module._fused_attention, ""
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _measure(layer: str, path: str, run, shape: Shape, repeats: int, device: torch.device) -> Timing:
+    def inputs():
+        size = (shape.batch, shape.heads, shape.seq_len, shape.head_dim)
+        return [torch.randn(size, device=device, dtype=shape.dtype, requires_grad=True) for _ in range(3)]
+
+    q, k, v = inputs()
+    grad = torch.randn_like(q)
+    autocast = (
+        torch.autocast(device.type, dtype=shape.dtype)
+        if shape.dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+
+    def forward():
+        with torch.no_grad(), autocast:
+            run(q, k, v)
+
+    def forward_backward():
+        with autocast:
+            out = run(q, k, v)
+        out.backward(grad)
+
+    try:
+        forward_backward()  # warm up (compiles, autotunes)
+        extra = _extra_memory(forward_backward, device)
+        return Timing(
+            layer,
+            path,
+            _median_ms(forward, repeats, device),
+            _median_ms(forward_backward, repeats, device),
+            extra,
+        )
+    except torch.OutOfMemoryError:
+        return Timing(layer, path, None, None, None, "out of memory")
+    finally:
+        q.grad = k.grad = v.grad = None
+
+
+def _median_ms(work, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            work()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            work()
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def _extra_memory(work, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    work()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30

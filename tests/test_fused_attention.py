@@ -1,0 +1,221 @@
+"""The fused MTA path (mta_lab.kernels) against the reference score-map path and the float64
+re-derivation: outputs and gradients of q, k, v and every MTA parameter, causality, and the choice
+of path. Without a GPU the Triton kernel runs under TRITON_INTERPRET=1 (set in conftest)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import mta_reference as reference
+import pytest
+import torch
+from conftest import build_attention, randomize_, run_attention
+from test_attention_reference import CASES, reference_spec
+
+from mta_lab.config import (
+    AttentionKernel,
+    HeadMixConfig,
+    KernelInit,
+    KeyPadding,
+    ModelConfig,
+    MTAConfig,
+    QKConvConfig,
+)
+from mta_lab.kernels import band_flash
+from mta_lab.kernels.band_flash import band_attention, band_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not band_flash.available(), reason="needs triton (pip install triton)")
+
+
+def conv(c_q: int, c_k: int, padding: str = "both") -> QKConvConfig:
+    return QKConvConfig(
+        query_kernel=c_q, key_kernel=c_k, key_padding=KeyPadding(padding), init=KernelInit.normal
+    )
+
+
+def layer_config(n_heads, n_kv_heads, head_dim, mta, kernel=AttentionKernel.fused) -> ModelConfig:
+    return ModelConfig(
+        dim=n_heads * head_dim,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        n_layers=4,
+        mta=mta,
+        attention_kernel=kernel,
+    )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_moved_stages_equal_the_float64_reference_exactly(name, monkeypatch):
+    """The algebra of mta_lab.kernels.mta alone: with the band attention materialised in float64 the
+    fused path must agree with the independent re-derivation to rounding, for every stage."""
+    monkeypatch.setattr(band_flash, "band_attention", band_attention_reference)
+    monkeypatch.setattr(band_flash, "available", lambda: True)
+    n_heads, n_kv_heads, head_dim, seq_len, mta = CASES[name]
+    config = layer_config(n_heads, n_kv_heads, head_dim, mta)
+    layer = build_attention(config, layer_id=3)
+    randomize_(layer, seed=sum(map(ord, name)))
+    x = torch.randn(2, seq_len, config.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params = {key: value.detach() for key, value in layer.named_parameters()}
+    expected = reference.attention_layer(x, params, reference_spec(config, 3))
+    torch.testing.assert_close(run_attention(layer, x, config.rope_theta), expected, rtol=1e-10, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("t", "dqk", "dv", "width"), [(45, 40, 24, 5), (16, 8, 8, 1), (70, 96, 16, 12)])
+def test_band_kernel_matches_its_definition(t, dqk, dv, width, dtype):
+    """Lengths and widths that are not multiples of the blocks, gradients of all inputs and of lse."""
+    generator = torch.Generator().manual_seed(t)
+    shapes = [(2, 3, t, dqk), (2, 3, t, dqk), (2, 3, t, dv), (2, 3, t, width)]
+    inputs = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    d_out = torch.randn(2, 3, t, dv, generator=generator, dtype=torch.float64)
+    d_lse = torch.randn(2, 3, t, generator=generator, dtype=torch.float64)
+
+    def run(attention, tensors):
+        leaves = [x.clone().requires_grad_() for x in tensors]
+        out, lse = attention(*leaves)
+        ((out.double() * d_out).sum() + (lse.double() * d_lse).sum()).backward()
+        return [out, lse] + [x.grad for x in leaves]
+
+    expected = run(band_attention_reference, inputs)
+    low = [x.to(DEVICE, dtype) for x in inputs[:3]] + [inputs[3].to(DEVICE, torch.float32)]
+    actual = run(band_attention, low)
+    tolerance = {torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
+    for name, a, e in zip(["out", "lse", "dq", "dk", "dv", "dband"], actual, expected, strict=True):
+        error = (a.double().cpu() - e).abs().max() / e.abs().max()
+        assert error < tolerance, f"{name}: relative error {error:.2e}"
+
+
+FUSED_LAYERS = {
+    # (n_heads, n_kv_heads, head_dim, seq_len, mta)
+    "paper-convs-6x11": (2, 2, 8, 37, MTAConfig(pre_qk_conv=conv(6, 11), post_qk_conv=conv(6, 11))),
+    "left-right-gqa": (
+        4,
+        2,
+        8,
+        35,
+        MTAConfig(pre_qk_conv=conv(3, 4, "left"), post_qk_conv=conv(2, 3, "right")),
+    ),
+    "right-left-mqa": (
+        4,
+        1,
+        8,
+        33,
+        MTAConfig(pre_qk_conv=conv(2, 5, "right"), post_qk_conv=conv(3, 4, "left")),
+    ),
+    "mix-c1": (
+        4,
+        4,
+        8,
+        34,
+        MTAConfig(
+            pre_qk_conv=conv(3, 5),
+            pre_head_mix=HeadMixConfig(group_size=1),
+            post_head_mix=HeadMixConfig(group_size=1),
+        ),
+    ),
+    "mix-c2-gqa": (
+        4,
+        2,
+        8,
+        35,
+        MTAConfig(
+            pre_qk_conv=conv(2, 3),
+            pre_head_mix=HeadMixConfig(group_size=2),
+            post_qk_conv=conv(2, 3),
+            post_head_mix=HeadMixConfig(group_size=2),
+        ),
+    ),
+    "mix-all-heads": (
+        4,
+        4,
+        8,
+        33,
+        MTAConfig(
+            pre_qk_conv=conv(2, 3),
+            pre_head_mix=HeadMixConfig(),
+            post_qk_conv=conv(2, 3),
+            post_head_mix=HeadMixConfig(),
+        ),
+    ),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", FUSED_LAYERS)
+def test_fused_layer_outputs_and_gradients_match_the_reference(name, dtype):
+    """Random kernels and mixing weights; gradients of the input (so of q, k, v) and every parameter
+    against the reference path in float64."""
+    n_heads, n_kv_heads, head_dim, seq_len, mta = FUSED_LAYERS[name]
+    fused = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta), dtype=torch.float64)
+    randomize_(fused, seed=sum(map(ord, name)), scale=0.3)
+    exact = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta, AttentionKernel.reference))
+    exact.load_state_dict(fused.state_dict())
+    fused = fused.to(DEVICE, dtype)
+    x = torch.randn(
+        2, seq_len, fused.n_heads * head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    d_out = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(layer, inputs):
+        inputs = inputs.clone().requires_grad_()
+        out = run_attention(layer, inputs, 10_000.0)
+        (out.double() * d_out.to(out.device)).sum().backward()
+        grads = {"input": inputs.grad} | {n: p.grad for n, p in layer.named_parameters()}
+        return out, grads
+
+    expected_out, expected = run(exact, x)
+    actual_out, actual = run(fused, x.to(DEVICE, dtype))
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    for key, e in ({"output": expected_out} | expected).items():
+        a = actual_out if key == "output" else actual[key]
+        error = (a.double().cpu() - e).abs().max() / e.abs().max()
+        assert error < tolerance, f"{key}: relative error {error:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["paper-convs-6x11", "mix-c2-gqa"])
+def test_fused_path_is_causal(name):
+    """Changing future tokens leaves every earlier output unchanged. Without a post-softmax conv the
+    outputs are bit-identical; with one, future values enter the moved form and are subtracted again
+    (C_i in mta_lab.kernels.mta), so they may differ by float rounding and no more."""
+    n_heads, n_kv_heads, head_dim, seq_len, mta = FUSED_LAYERS[name]
+    layer = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta), dtype=torch.float32).to(DEVICE)
+    randomize_(layer, seed=5, scale=0.3)
+    x = torch.randn(1, seq_len, layer.n_heads * head_dim, device=DEVICE)
+    changed = x.clone()
+    changed[:, 20:] = torch.randn_like(changed[:, 20:]) * 3
+    with torch.no_grad():
+        before, after = run_attention(layer, x, 10_000.0), run_attention(layer, changed, 10_000.0)
+    rounding = 4 * torch.finfo(torch.float32).eps * before.abs().max()
+    assert (before[:, :20] - after[:, :20]).abs().max() <= rounding
+    assert (before[:, 20:] - after[:, 20:]).abs().max() > 1e4 * rounding
+    without_post = dataclasses.replace(mta, post_qk_conv=None)
+    layer = build_attention(
+        layer_config(n_heads, n_kv_heads, head_dim, without_post), dtype=torch.float32
+    ).to(DEVICE)
+    randomize_(layer, seed=5, scale=0.3)
+    with torch.no_grad():
+        before, after = run_attention(layer, x, 10_000.0), run_attention(layer, changed, 10_000.0)
+    assert torch.equal(before[:, :20], after[:, :20])
+
+
+def test_auto_uses_the_reference_path_on_cpu_and_says_so(caplog):
+    layer = build_attention(layer_config(2, 2, 4, MTAConfig(pre_qk_conv=conv(2, 3)), AttentionKernel.auto))
+    with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
+        run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
+        run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
+    lines = [r.getMessage() for r in caplog.records if "path" in r.getMessage()]
+    assert lines == ["layer 0: MTA on the reference path (the fused kernel runs on CUDA with Triton)"]
+
+
+def test_attention_dropout_keeps_the_reference_path(caplog):
+    config = layer_config(2, 2, 4, MTAConfig(pre_qk_conv=conv(2, 3)))
+    config.dropout = 0.1
+    layer = build_attention(config).train()
+    with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
+        run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
+    assert "reference path (the fused kernel has no attention dropout)" in caplog.text
