@@ -64,7 +64,7 @@ def test_moved_stages_equal_the_float64_reference_exactly(name, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("t", "dqk", "dv", "width"), [(45, 40, 24, 5), (16, 8, 8, 1), (70, 96, 16, 12)])
+@pytest.mark.parametrize(("t", "dqk", "dv", "width"), [(45, 40, 24, 5), (16, 8, 8, 1), (50, 24, 40, 20)])
 def test_band_kernel_matches_its_definition(t, dqk, dv, width, dtype):
     """Lengths and widths that are not multiples of the blocks, gradients of all inputs and of lse."""
     generator = torch.Generator().manual_seed(t)
@@ -144,8 +144,11 @@ FUSED_LAYERS = {
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", FUSED_LAYERS)
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [pytest.param(name, torch.float32, id=f"{name}-fp32") for name in FUSED_LAYERS]
+    + [pytest.param(name, torch.bfloat16, id=f"{name}-bf16") for name in ("paper-convs-6x11", "mix-c2-gqa")],
+)
 def test_fused_layer_outputs_and_gradients_match_the_reference(name, dtype):
     """Random kernels and mixing weights; gradients of the input (so of q, k, v) and every parameter
     against the reference path in float64."""
@@ -203,6 +206,38 @@ def test_fused_path_is_causal(name):
     assert torch.equal(before[:, :20], after[:, :20])
 
 
+@needs_triton
+def test_fused_path_never_makes_a_query_by_key_tensor():
+    """O(T) memory: no tensor made in forward or backward has two axes of length T (the reference
+    path makes several)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    t = 37
+
+    class LargestMaps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.maps = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(x, torch.Tensor) and list(x.shape).count(t) >= 2:
+                    self.maps.append((str(func), tuple(x.shape)))
+            return out
+
+    def maps_made(kernel):
+        n_heads, n_kv_heads, head_dim, _, mta = FUSED_LAYERS["mix-c2-gqa"]
+        layer = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta, kernel), dtype=torch.float32)
+        x = torch.randn(1, t, layer.n_heads * head_dim, requires_grad=True)
+        with LargestMaps() as mode:
+            run_attention(layer, x, 10_000.0).sum().backward()
+        return mode.maps
+
+    assert maps_made(AttentionKernel.fused) == []
+    assert maps_made(AttentionKernel.reference)  # the probe sees maps where there are some
+
+
 def test_auto_uses_the_reference_path_on_cpu_and_says_so(caplog):
     layer = build_attention(layer_config(2, 2, 4, MTAConfig(pre_qk_conv=conv(2, 3)), AttentionKernel.auto))
     with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
@@ -219,3 +254,38 @@ def test_attention_dropout_keeps_the_reference_path(caplog):
     with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
         run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
     assert "reference path (the fused kernel has no attention dropout)" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["pre-conv-6x11", "convs-6x11-mix-c2", "paper-layer"])
+def test_full_size_fused_layer_matches_the_reference_on_gpu(name):
+    """The issue's shape (H=16, T=2048, d=64, bf16; batch 2 to keep the reference's maps small): the
+    fused path against the reference path computed in fp32, outputs and gradients."""
+    from mta_lab.train.bench_attention import LAYERS
+
+    config = ModelConfig(
+        dim=16 * 64, n_heads=16, n_layers=1, mta=LAYERS[name](), attention_kernel=AttentionKernel.fused
+    )
+    fused = build_attention(config, dtype=torch.float32).cuda()
+    randomize_(fused, seed=7, scale=0.05)
+    exact = build_attention(
+        dataclasses.replace(config, attention_kernel=AttentionKernel.reference), dtype=torch.float32
+    )
+    exact = exact.cuda()
+    exact.load_state_dict(fused.state_dict())
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 2048, 64, device="cuda", generator=generator) for _ in range(3))
+    d_out = torch.randn(q.shape, device="cuda", generator=generator)
+
+    def run(core, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = core(*leaves)
+        out.backward(d_out.to(dtype))
+        return [out] + [x.grad for x in leaves]
+
+    expected = run(exact._score_map_attention, torch.float32)
+    actual = run(fused._fused_attention, torch.bfloat16)
+    for key, a, e in zip(["out", "dq", "dk", "dv"], actual, expected, strict=True):
+        error = (a.float() - e).abs().max() / e.abs().max()
+        assert error < 5e-2, f"{key}: relative error {error:.2e}"

@@ -14,9 +14,11 @@ backward recomputes scores tile by tile like FlashAttention-2, and it accepts a 
 (``ds = p * (dp - (delta - dlse))``) because the post-softmax convolution reads probabilities near
 the diagonal.
 
-Each program computes one block of output columns: wide queries and values are split into chunks of
-``BLOCK_D`` columns and the scores are recomputed per chunk, which keeps accumulators small for any
-width. Everything accumulates in fp32; fp32 inputs use IEEE dot products (no TF32).
+Widths are arbitrary, so dot products run over chunks of ``BLOCK_D`` columns. The forward splits the
+value width over programs (``BLOCK_DV`` columns each, one program for the usual d <= 128). The
+backward computes each (query block, key block) tile of ``ds`` once and adds its products into fp32
+gradient rows that only this program writes, chunk by chunk, so no width multiplies the recompute.
+Everything accumulates in fp32; fp32 inputs use IEEE dot products (no TF32).
 """
 
 from __future__ import annotations
@@ -30,10 +32,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU installs without Triton: only the reference below is available
     triton = None
-
-BLOCK_Q = 32
-BLOCK_K = 32
-BLOCK_D = 32
 
 
 def band_attention_reference(
@@ -76,8 +74,9 @@ class _BandAttention(torch.autograd.Function):
         band = band.float().contiguous()
         out = torch.empty_like(v)
         lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(t, BLOCK_Q), b * h, triton.cdiv(dv, BLOCK_D))
-        _forward[grid](q, k, v, band, out, lse, t, dqk, dv, w, **_meta(q))
+        meta = _meta(q, dv)
+        grid = (triton.cdiv(t, meta["BLOCK_Q"]), b * h, triton.cdiv(dv, meta["BLOCK_DV"]))
+        _forward[grid](q, k, v, band, out, lse, t, dqk, dv, w, **meta)
         ctx.save_for_backward(q, k, v, band, out, lse)
         return out, lse
 
@@ -92,28 +91,31 @@ class _BandAttention(torch.autograd.Function):
         if d_lse is not None:
             delta = delta - d_lse.float()
         delta = delta.contiguous()
-        dq, dk, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # fp32 rows, each written by one program only (summed over that program's tiles).
+        dq, dk, d_v = (torch.zeros(x.shape, device=x.device, dtype=torch.float32) for x in (q, k, v))
         d_band = torch.zeros_like(band)
-        meta, bh = _meta(q), b * h
-        _backward_dv[(triton.cdiv(t, BLOCK_K), bh, triton.cdiv(dv, BLOCK_D))](
-            q, k, band, d_out, lse, d_v, t, dqk, dv, w, **meta
+        meta = _meta(q, dv)
+        _backward_keys[(triton.cdiv(t, meta["BLOCK_K"]), b * h)](
+            q, k, v, band, d_out, lse, delta, dk, d_v, d_band, t, dqk, dv, w, **meta
         )
-        _backward_dk[(triton.cdiv(t, BLOCK_K), bh, triton.cdiv(dqk, BLOCK_D))](
-            q, k, v, band, d_out, lse, delta, dk, d_band, t, dqk, dv, w, **meta
-        )
-        _backward_dq[(triton.cdiv(t, BLOCK_Q), bh, triton.cdiv(dqk, BLOCK_D))](
+        _backward_queries[(triton.cdiv(t, meta["BLOCK_Q"]), b * h)](
             q, k, v, band, d_out, lse, delta, dq, t, dqk, dv, w, **meta
         )
-        return dq, dk, d_v, d_band
+        return dq.to(q.dtype), dk.to(k.dtype), d_v.to(v.dtype), d_band
 
 
-def _meta(q: torch.Tensor) -> dict:
+def _meta(q: torch.Tensor, dv: int) -> dict:
+    """Block sizes: 64 on a GPU (a first choice, to be tuned by measurement); 16 in the CPU
+    interpreter, so that small test shapes cross several blocks and chunks."""
+    gpu = q.device.type == "cuda"
+    block = 64 if gpu else 16
     return {
-        "BLOCK_Q": BLOCK_Q,
-        "BLOCK_K": BLOCK_K,
-        "BLOCK_D": BLOCK_D,
+        "BLOCK_Q": block,
+        "BLOCK_K": block,
+        "BLOCK_D": block,
+        "BLOCK_DV": min(max(triton.next_power_of_2(dv), 16), 128) if gpu else 16,
         # Triton's CPU interpreter multiplies 16-bit floats wrongly (3.9): there, dot products run in fp32.
-        "PRECISION": "ieee" if q.dtype == torch.float32 or q.device.type == "cpu" else "tf32",
+        "PRECISION": "ieee" if q.dtype == torch.float32 or not gpu else "tf32",
     }
 
 
@@ -131,6 +133,13 @@ if triton is not None:
         """x[rows, dims] = x, in X's dtype, inside the (T, D) matrix only."""
         mask = (rows[:, None] < T) & (dims[None, :] < D)
         tl.store(X + rows[:, None] * D + dims[None, :], x.to(X.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_tile(X, rows, dims, T, D, x):
+        """x[rows, dims] += x in an fp32 matrix (T, D) whose rows only this program writes."""
+        mask = (rows[:, None] < T) & (dims[None, :] < D)
+        pointers = X + rows[:, None] * D + dims[None, :]
+        tl.store(pointers, tl.load(pointers, mask=mask, other=0.0) + x, mask=mask)
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr):
@@ -172,20 +181,36 @@ if triton is not None:
         return dp
 
     @triton.jit
-    def _forward(
-        Q, K, V, BAND, OUT, LSE, T, DQK, DV, W,
+    def _recompute(
+        Q, K, V, BAND, DO, LSE, DELTA, rows, cols, T, DQK, DV, W,
         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
+        """A tile of p (from the saved lse) and ds = p * (dO v^T - delta), and where the band is.
+        Rows past T get p = 0."""
+        s, in_band = _scores(Q, K, BAND, rows, cols, T, DQK, W, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION)
+        lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
+        p = tl.exp(s - lse[:, None])
+        dp = _d_probs(V, DO, rows, cols, T, DV, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION)
+        return p, p * (dp - delta[:, None]), in_band
+
+    @triton.jit
+    def _forward(
+        Q, K, V, BAND, OUT, LSE, T, DQK, DV, W,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One block of queries and BLOCK_DV columns of the output: online softmax over key blocks."""
         q_block, bh, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         Q += bh * T * DQK
         K += bh * T * DQK
         V += bh * T * DV
         BAND += bh * T * W
         rows = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        dims = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+        dims = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
         row_max = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
         for k0 in range(0, tl.minimum((q_block + 1) * BLOCK_Q, T), BLOCK_K):  # causal: keys <= last row
             cols = k0 + tl.arange(0, BLOCK_K)
             s, _ = _scores(Q, K, BAND, rows, cols, T, DQK, W, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION)
@@ -202,89 +227,66 @@ if triton is not None:
             tl.store(LSE + bh * T + rows, row_max + tl.log(row_sum), mask=rows < T)
 
     @triton.jit
-    def _backward_dv(
-        Q, K, BAND, DO, LSE, DVOUT, T, DQK, DV, W,
-        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    def _backward_keys(
+        Q, K, V, BAND, DO, LSE, DELTA, DK, DVOUT, DBAND, T, DQK, DV, W,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """dv[j] = sum_i p[i, j] dO[i], one block of keys and one chunk of value columns."""
-        k_block, bh, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        Q += bh * T * DQK
-        K += bh * T * DQK
-        BAND += bh * T * W
-        DO += bh * T * DV
-        LSE += bh * T
-        cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-        dims = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-        for q0 in range((k_block * BLOCK_K // BLOCK_Q) * BLOCK_Q, T, BLOCK_Q):  # queries that see these keys
-            rows = q0 + tl.arange(0, BLOCK_Q)
-            s, _ = _scores(Q, K, BAND, rows, cols, T, DQK, W, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION)
-            lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
-            p = tl.exp(s - lse[:, None])
-            do = _tile(DO, rows, dims, T, DV)
-            acc += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-        _store_tile(DVOUT + bh * T * DV, cols, dims, T, DV, acc)
-
-    @triton.jit
-    def _backward_dk(
-        Q, K, V, BAND, DO, LSE, DELTA, DK, DBAND, T, DQK, DV, W,
-        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """dk[j] = sum_i ds[i, j] q[i] off the band; the first chunk also writes d band = ds on it."""
-        k_block, bh, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """One block of keys: dv[j] = sum_i p[i, j] dO[i], dk[j] = sum_i ds[i, j] q[i] off the band, and
+        d band = ds on it (each (row, lag) of the band lies in exactly one key block)."""
+        k_block, bh = tl.program_id(0), tl.program_id(1)
         Q += bh * T * DQK
         K += bh * T * DQK
         V += bh * T * DV
         BAND += bh * T * W
         DBAND += bh * T * W
         DO += bh * T * DV
+        DK += bh * T * DQK
+        DVOUT += bh * T * DV
         LSE += bh * T
         DELTA += bh * T
         cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-        dims = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-        for q0 in range((k_block * BLOCK_K // BLOCK_Q) * BLOCK_Q, T, BLOCK_Q):
+        for q0 in range((k_block * BLOCK_K // BLOCK_Q) * BLOCK_Q, T, BLOCK_Q):  # queries that see these keys
             rows = q0 + tl.arange(0, BLOCK_Q)
-            s, in_band = _scores(Q, K, BAND, rows, cols, T, DQK, W, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION)
-            lse = tl.load(LSE + rows, mask=rows < T, other=float("inf"))
-            delta = tl.load(DELTA + rows, mask=rows < T, other=0.0)
-            p = tl.exp(s - lse[:, None])
-            ds = p * (
-                _d_probs(V, DO, rows, cols, T, DV, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION) - delta[:, None]
-            )
-            if chunk == 0:  # each (row, lag) of the band lies in exactly one key block
-                lag = rows[:, None] - cols[None, :]
-                tl.store(DBAND + rows[:, None] * W + lag, ds, mask=in_band & (cols[None, :] < T))
+            p, ds, in_band = _recompute(
+                Q, K, V, BAND, DO, LSE, DELTA, rows, cols, T, DQK, DV, W, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION
+            )  # fmt: skip
+            lag = rows[:, None] - cols[None, :]
+            tl.store(DBAND + rows[:, None] * W + lag, ds, mask=in_band)
             ds = tl.where(in_band, 0.0, ds)
-            q = _tile(Q, rows, dims, T, DQK)
-            acc += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
-        _store_tile(DK + bh * T * DQK, cols, dims, T, DQK, acc)
+            for d0 in range(0, DV, BLOCK_D):
+                dims = d0 + tl.arange(0, BLOCK_D)
+                do = _tile(DO, rows, dims, T, DV)
+                _add_tile(DVOUT, cols, dims, T, DV, _dot(tl.trans(p.to(do.dtype)), do, PRECISION))
+            for d0 in range(0, DQK, BLOCK_D):
+                dims = d0 + tl.arange(0, BLOCK_D)
+                q = _tile(Q, rows, dims, T, DQK)
+                _add_tile(DK, cols, dims, T, DQK, _dot(tl.trans(ds.to(q.dtype)), q, PRECISION))
 
     @triton.jit
-    def _backward_dq(
+    def _backward_queries(
         Q, K, V, BAND, DO, LSE, DELTA, DQ, T, DQK, DV, W,
-        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """dq[i] = sum_j ds[i, j] k[j] off the band, one block of queries and one chunk of columns."""
-        q_block, bh, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """One block of queries: dq[i] = sum_j ds[i, j] k[j] off the band."""
+        q_block, bh = tl.program_id(0), tl.program_id(1)
         Q += bh * T * DQK
         K += bh * T * DQK
         V += bh * T * DV
         BAND += bh * T * W
         DO += bh * T * DV
+        DQ += bh * T * DQK
+        LSE += bh * T
+        DELTA += bh * T
         rows = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        dims = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-        lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=float("inf"))
-        delta = tl.load(DELTA + bh * T + rows, mask=rows < T, other=0.0)
-        acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, tl.minimum((q_block + 1) * BLOCK_Q, T), BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            s, in_band = _scores(Q, K, BAND, rows, cols, T, DQK, W, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION)
-            p = tl.exp(s - lse[:, None])
-            ds = p * (
-                _d_probs(V, DO, rows, cols, T, DV, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION) - delta[:, None]
-            )
+            _, ds, in_band = _recompute(
+                Q, K, V, BAND, DO, LSE, DELTA, rows, cols, T, DQK, DV, W, BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION
+            )  # fmt: skip
             ds = tl.where(in_band, 0.0, ds)
-            k = _tile(K, cols, dims, T, DQK)
-            acc += _dot(ds.to(k.dtype), k, PRECISION)
-        _store_tile(DQ + bh * T * DQK, rows, dims, T, DQK, acc)
+            for d0 in range(0, DQK, BLOCK_D):
+                dims = d0 + tl.arange(0, BLOCK_D)
+                k = _tile(K, cols, dims, T, DQK)
+                _add_tile(DQ, rows, dims, T, DQK, _dot(ds.to(k.dtype), k, PRECISION))

@@ -16,6 +16,8 @@ stage is moved into the operands of :func:`mta_lab.kernels.band_flash.band_atten
   V^(a)_c = sum_e w[a, e] v_{c-e}; the kernel's values are [V^(a)]_a (width c_q*d) and the outputs
   are shifted and summed here. C_i removes the terms that Mask_0 after the conv drops; it reads P
   only on the left_pad diagonals next to the edge, which come from the band and the kernel's lse.
+  Those terms carry future values (v_c with c > i) that C_i subtracts again: a past output depends
+  on future tokens only through float rounding (tests/test_fused_attention.py bounds it).
 * Post-softmax head mixing: head h's output sum_{h'} W[h, h'] A'_{h'} v_h needs every head of the
   group's values under each head's probabilities: values of width c_h*(c_q*d), mixed after.
 
@@ -72,6 +74,8 @@ def band_width(pre_conv: ConvTaps | None, post_conv: ConvTaps | None) -> int:
     return max(pre, post, 1)
 
 
+@torch.autocast("cuda", enabled=False)  # dtypes are explicit: operands as q, band and edge in >= fp32
+@torch.autocast("cpu", enabled=False)
 def fused_mta_attention(
     q_bhtd: torch.Tensor,
     k_bhtd: torch.Tensor,

@@ -108,20 +108,22 @@ class Attention(nn.Module):
         from mta_lab.kernels.band_flash import band_attention
         from mta_lab.kernels.mta import ConvTaps, fused_mta_attention
 
-        repeat = self.n_heads // self.n_kv_heads
+        def taps(conv: QKConv | None) -> ConvTaps | None:
+            return ConvTaps(conv.weight, conv.config.left_pad) if conv is not None else None
+
+        def weight(mix: HeadMix | None) -> torch.Tensor | None:
+            return mix.weight if mix is not None else None
+
+        repeat = self.n_heads // self.n_kv_heads  # GQA, as in the reference path
         return fused_mta_attention(
             q_bhtd,
             k_bntd.repeat_interleave(repeat, dim=1),
             v_bntd.repeat_interleave(repeat, dim=1),
             scale=self.head_dim**-0.5,
-            pre_conv=ConvTaps(self.pre_qk_conv.weight, self.pre_qk_conv.config.left_pad)
-            if self.pre_qk_conv
-            else None,
-            pre_mix=self.pre_head_mix.weight if self.pre_head_mix else None,
-            post_conv=ConvTaps(self.post_qk_conv.weight, self.post_qk_conv.config.left_pad)
-            if self.post_qk_conv
-            else None,
-            post_mix=self.post_head_mix.weight if self.post_head_mix else None,
+            pre_conv=taps(self.pre_qk_conv),
+            pre_mix=weight(self.pre_head_mix),
+            post_conv=taps(self.post_qk_conv),
+            post_mix=weight(self.post_head_mix),
             attention=band_attention,
         )
 
