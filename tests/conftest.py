@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +52,9 @@ def every_stage_mta(conv: QKConvConfig, gate: GateKind = GateKind.scalar) -> MTA
 def _private_cache(tmp_path_factory):
     """Tokenized corpora and trained tokenizers go to a per-session cache, not the user's."""
     os.environ["MTA_LAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def sweep_command(path: Path, *args: str) -> list[str]:
+    """``mta-lab sweep PATH`` (full budget) in a fresh interpreter, its MLflow store and runs beside the file."""
+    store = ["--tracking-uri", f"sqlite:///{path.parent}/mlflow.db", "--runs-dir", str(path.parent / "runs")]
+    return [sys.executable, "-m", "mta_lab.cli", "sweep", str(path), "--profile", "full", *store, *args]

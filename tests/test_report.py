@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import sweep_command
 from mlflow.tracking import MlflowClient
 
 from mta_lab.cli import main
@@ -36,19 +37,7 @@ def swept(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("swept")
     path = directory / "small.yaml"
     path.write_text(SWEEP)
-    command = [
-        sys.executable,
-        "-m",
-        "mta_lab.cli",
-        "sweep",
-        str(path),
-        "--profile",
-        "full",
-        "--tracking-uri",
-        f"sqlite:///{directory}/mlflow.db",
-        "--runs-dir",
-        str(directory / "runs"),
-    ]
+    command = sweep_command(path)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import sweep_command
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -49,20 +50,7 @@ def sweep_file(tmp_path: Path, body: str, seeds: str = "[0, 1]", steps: int = 3)
 
 
 def launch(path: Path, *args: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "mta_lab.cli",
-        "sweep",
-        str(path),
-        "--profile",
-        "full",
-        "--tracking-uri",
-        f"sqlite:///{path.parent}/mlflow.db",
-        "--runs-dir",
-        str(path.parent / "runs"),
-        *args,
-    ]
+    command = sweep_command(path, *args)
     if wait:
         return subprocess.run(command, capture_output=True, text=True, timeout=600)
     return subprocess.Popen(
