@@ -78,6 +78,7 @@ def test_console_script_exit_code():
     ]
 
 
+@pytest.mark.kernel
 def test_bench_attention_times_every_path(capsys):
     """On CPU the fused kernel runs under Triton's interpreter (conftest), so every path has a time."""
     pytest.importorskip("triton")

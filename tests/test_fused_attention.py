@@ -26,7 +26,14 @@ from mta_lab.kernels import band_flash
 from mta_lab.kernels.band_flash import band_attention, band_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not band_flash.available(), reason="needs triton (pip install triton)")
+_skip_without_triton = pytest.mark.skipif(
+    not band_flash.available(), reason="needs triton (pip install triton)"
+)
+
+
+def needs_triton(test):
+    """Runs the Triton kernel (interpreted on CPU, about a second or more per test): marked ``kernel``."""
+    return pytest.mark.kernel(_skip_without_triton(test))
 
 
 def conv(c_q: int, c_k: int, padding: str = "both") -> QKConvConfig:
