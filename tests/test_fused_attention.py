@@ -83,7 +83,8 @@ def test_band_kernel_matches_its_definition(t, dqk, dv, width, dtype):
     def run(attention, tensors):
         leaves = [x.clone().requires_grad_() for x in tensors]
         out, lse = attention(*leaves)
-        ((out.double() * d_out).sum() + (lse.double() * d_lse).sum()).backward()
+        out, lse = out.double().cpu(), lse.double().cpu()
+        ((out * d_out).sum() + (lse * d_lse).sum()).backward()
         return [out, lse] + [x.grad for x in leaves]
 
     expected = run(band_attention_reference, inputs)
@@ -235,8 +236,9 @@ def test_fused_path_never_makes_a_query_by_key_tensor():
 
     def maps_made(kernel):
         n_heads, n_kv_heads, head_dim, _, mta = FUSED_LAYERS["mix-c2-gqa"]
-        layer = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta, kernel), dtype=torch.float32)
-        x = torch.randn(1, t, layer.n_heads * head_dim, requires_grad=True)
+        config = layer_config(n_heads, n_kv_heads, head_dim, mta, kernel)
+        layer = build_attention(config, dtype=torch.float32).to(DEVICE)
+        x = torch.randn(1, t, layer.n_heads * head_dim, device=DEVICE, requires_grad=True)
         with LargestMaps() as mode:
             run_attention(layer, x, 10_000.0).sum().backward()
         return mode.maps
@@ -286,7 +288,7 @@ def test_full_size_fused_layer_matches_the_reference_on_gpu(name):
     d_out = torch.randn(q.shape, device="cuda", generator=generator)
 
     def run(core, dtype):
-        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         out = core(*leaves)
         out.backward(d_out.to(dtype))
         return [out] + [x.grad for x in leaves]

@@ -134,20 +134,28 @@ def lagged_queries(q_bhtd: torch.Tensor, lags: int) -> torch.Tensor:
 
 
 def filtered_keys(k_bhtd: torch.Tensor, conv: ConvTaps) -> torch.Tensor:
-    """K'_j = [sum_e w[a, e] k_{j+e}]_a (zeros outside the sequence): [b, h, t, c_q * d]."""
+    """K'_j = [sum_e w[a, e] k_{j+e}]_a (zeros outside the sequence): [b, h, t, c_q * d].
+
+    A grouped 2-D convolution with a (c_k, 1) kernel over (position, channel) images, one group per
+    head and c_q outputs per group: cuDNN's, instead of a skinny matrix product."""
     b, h, t, d = k_bhtd.shape
     padded = F.pad(k_bhtd, (0, 0, conv.left_pad, conv.right_pad))
-    windows_bhtdc = padded.unfold(2, conv.key_kernel, 1)  # [..., j, :, c] = k_{j + c - left_pad}
-    keys_bhtad = torch.einsum("bhtdc,hac->bhtad", windows_bhtdc, conv.by_lag().to(k_bhtd.dtype))
-    return keys_bhtad.reshape(b, h, t, conv.query_kernel * d)
+    taps = conv.by_lag().to(k_bhtd.dtype).reshape(h * conv.query_kernel, 1, conv.key_kernel, 1)
+    keys_bhatd = F.conv2d(padded, taps, groups=h).view(b, h, conv.query_kernel, t, d)
+    return keys_bhatd.transpose(2, 3).reshape(b, h, t, conv.query_kernel * d)
 
 
 def near_diagonal(q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, width: int) -> torch.Tensor:
-    """Raw scores on the first ``width`` diagonals, r[i, u] = q_i . k_{i-u} (0 where i < u), fp32."""
+    """Raw scores on the first ``width`` diagonals, r[i, u] = q_i . k_{i-u} (0 where i < u), >= fp32.
+    One multiply-and-sum of slices per diagonal: nothing of size t x width x d is made or kept."""
     wide = _wide(q_bhtd)
-    padded = F.pad(k_bhtd.to(wide), (0, 0, width - 1, 0))
-    windows_bhtdw = padded.unfold(2, width, 1)  # [..., i, :, w] = k_{i + w - width + 1}
-    return torch.einsum("bhtd,bhtdw->bhtw", q_bhtd.to(wide), windows_bhtdw).flip(-1)
+    q_bhtd, k_bhtd = q_bhtd.to(wide), k_bhtd.to(wide)
+    t = q_bhtd.shape[2]
+    diagonals = [
+        F.pad((q_bhtd[:, :, u:] * k_bhtd[:, :, : t - u]).sum(-1), (u, 0)) for u in range(min(width, t))
+    ]
+    diagonals += [q_bhtd.new_zeros(q_bhtd.shape[:3])] * (width - len(diagonals))  # a band wider than t
+    return torch.stack(diagonals, dim=-1)
 
 
 def _wide(x: torch.Tensor) -> torch.dtype:
