@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from types import SimpleNamespace
 
 import mta_reference as reference
 import pytest
@@ -254,6 +255,23 @@ def test_auto_uses_the_reference_path_on_cpu_and_says_so(caplog):
         run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
     lines = [r.getMessage() for r in caplog.records if "path" in r.getMessage()]
     assert lines == ["layer 0: MTA on the reference path (the fused kernel runs on CUDA with Triton)"]
+
+
+def test_auto_keeps_wide_head_groups_on_the_reference_path(caplog, monkeypatch):
+    """On CUDA, auto takes the fused path up to head groups of 2 and leaves wider mixing (measured
+    faster on the reference path) where it is."""
+    monkeypatch.setattr(band_flash, "available", lambda: True)
+    on_cuda = SimpleNamespace(is_cuda=True)  # the path choice reads only where q lives
+
+    def layer(group_size):
+        mta = MTAConfig(pre_qk_conv=conv(2, 3), post_head_mix=HeadMixConfig(group_size=group_size))
+        return build_attention(layer_config(4, 4, 4, mta, AttentionKernel.auto))
+
+    with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
+        assert layer(2)._use_fused(on_cuda)
+        assert not layer(4)._use_fused(on_cuda)
+    assert "MTA on the fused path (auto on CUDA)" in caplog.text
+    assert "MTA on the reference path (head groups of 4: faster here, measured on an H100)" in caplog.text
 
 
 def test_attention_dropout_keeps_the_reference_path(caplog):
