@@ -249,7 +249,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
     console = common.console()
     with console.status("measuring ...") as status:
         timings = bench_attention(args.layers, paths, shape, args.repeats, device, progress=status.update)
-    sdpa = next((t for t in timings if t.path == "sdpa" and t.backward_ms), None)
+    sdpa = next((t for t in timings if t.path == "sdpa" and t.forward_backward_ms), None)
 
     def ms(value):
         return "-" if value is None else f"{value:.2f}"
@@ -262,14 +262,25 @@ def _bench_attention(args: argparse.Namespace) -> int:
         box=None,
     )  # fmt: skip
     for t in timings:
-        speed = f"{t.backward_ms / sdpa.backward_ms:.1f}x" if sdpa and t.backward_ms else "-"
+        speed = (
+            f"{t.forward_backward_ms / sdpa.forward_backward_ms:.1f}x"
+            if sdpa and t.forward_backward_ms
+            else "-"
+        )
         memory = (
             f"{t.extra_gib / sdpa.extra_gib:.1f}x"
             if sdpa and sdpa.extra_gib and t.extra_gib is not None
             else "-"
         )
         table.add_row(
-            t.layer, t.path, ms(t.forward_ms), ms(t.backward_ms), ms(t.extra_gib), speed, memory, t.note
+            t.layer,
+            t.path,
+            ms(t.forward_ms),
+            ms(t.forward_backward_ms),
+            ms(t.extra_gib),
+            speed,
+            memory,
+            t.note,
         )
     console.print(table)
     name = torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)"

@@ -119,14 +119,10 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Ten
     """Contiguous operands; on a GPU, widths padded with zeros to whole blocks (64 for q and k, 16 for
     v). Zero columns change no dot product; Triton 3.6 on an H100 computed 16-bit tiles wrongly, even
     out of bounds, when the q/k width was not a multiple of the block (measured with widths of 40)."""
-    if q.device.type != "cuda":
-        return [x.contiguous() for x in (q, k, v)]
-    qk_pad, v_pad = -q.shape[-1] % 64, -v.shape[-1] % 16
-    return (
-        [F.pad(q, (0, qk_pad)), F.pad(k, (0, qk_pad)), F.pad(v, (0, v_pad))]
-        if qk_pad or v_pad
-        else [x.contiguous() for x in (q, k, v)]
-    )
+    qk_pad, v_pad = (-q.shape[-1] % 64, -v.shape[-1] % 16) if q.device.type == "cuda" else (0, 0)
+    return [
+        F.pad(x, (0, pad)) if pad else x.contiguous() for x, pad in ((q, qk_pad), (k, qk_pad), (v, v_pad))
+    ]
 
 
 def _meta(q: torch.Tensor, dv: int) -> dict:

@@ -63,7 +63,8 @@ class ConvTaps:
         return self.weight.flip(1)
 
 
-Attention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BandAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""(q, k, v, band) -> (out, lse): the kernel or its materialised reference."""
 
 
 def band_width(pre_conv: ConvTaps | None, post_conv: ConvTaps | None) -> int:
@@ -86,7 +87,7 @@ def fused_mta_attention(
     pre_mix: torch.Tensor | None = None,
     post_conv: ConvTaps | None = None,
     post_mix: torch.Tensor | None = None,
-    attention: Attention,
+    attention: BandAttention,
 ) -> torch.Tensor:
     """Causal MTA attention output [b, h, t, d], equal to the reference score-map path.
 

@@ -61,8 +61,7 @@ class Timing:
     layer: str
     path: str
     forward_ms: float | None
-    backward_ms: float | None
-    """Forward + backward."""
+    forward_backward_ms: float | None
     extra_gib: float | None
     note: str = ""
 
