@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mta_lab.config import GateKind, HeadMixConfig, MTAConfig, OutNormConfig, QKConvConfig
 from mta_lab.model import Attention, plan_layers
@@ -46,6 +47,21 @@ def every_stage_mta(conv: QKConvConfig, gate: GateKind = GateKind.scalar) -> MTA
         post_head_mix=HeadMixConfig(),
         out_norm=OutNormConfig(gate=gate),
     )
+
+
+class MadeTensors(TorchDispatchMode):
+    """Records the shape of every tensor that an op returns, forward and backward alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(x, torch.Tensor):
+                self.shapes.append((str(func), tuple(x.shape)))
+        return out
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,6 +10,7 @@ import torch
 from conftest import build_attention, randomize_, run_attention
 
 from mta_lab.config import (
+    AttentionKernel,
     DepthScaling,
     GateKind,
     HeadMixConfig,
@@ -99,21 +100,46 @@ def reference_spec(config: ModelConfig, layer_id: int) -> dict:
     return spec
 
 
+PATHS = {
+    "reference": {"attention_kernel": AttentionKernel.reference},
+    # Blocks of 1 and 3 query rows: several blocks per sequence, and fewer rows than a block's halo.
+    "tiled-1": {"attention_kernel": AttentionKernel.tiled, "attention_tile_rows": 1},
+    "tiled-3": {"attention_kernel": AttentionKernel.tiled, "attention_tile_rows": 3},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", CASES)
-def test_layer_matches_float64_reference(name):
+def test_layer_matches_float64_reference(name, path):
+    """Outputs, and gradients of the input and of every parameter, on the full score map and on the
+    tiled path (blocks of query rows against their causal keys, recomputed in backward)."""
     n_heads, n_kv_heads, head_dim, seq_len, mta = CASES[name]
     config = ModelConfig(
-        dim=n_heads * head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, n_layers=4, rope_theta=500.0, mta=mta
+        dim=n_heads * head_dim,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        n_layers=4,
+        rope_theta=500.0,
+        mta=mta,
+        **PATHS[path],
     )
     layer_id = 3  # not 0: depth scaling must use this layer's factor
     layer = build_attention(config, layer_id=layer_id)
     randomize_(layer, seed=sum(map(ord, name)))
     x = torch.randn(2, seq_len, config.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    d_out = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
-    params = {key: value.detach() for key, value in layer.named_parameters()}
-    expected = reference.attention_layer(x, params, reference_spec(config, layer_id))
-    actual = run_attention(layer, x, config.rope_theta)
+    params = {key: value.detach().clone().requires_grad_() for key, value in layer.named_parameters()}
+    x_expected, x_actual = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = reference.attention_layer(x_expected, params, reference_spec(config, layer_id))
+    actual = run_attention(layer, x_actual, config.rope_theta)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+    (expected * d_out).sum().backward()
+    (actual * d_out).sum().backward()
+    torch.testing.assert_close(x_actual.grad, x_expected.grad, rtol=1e-9, atol=1e-12)
+    for key, parameter in layer.named_parameters():
+        torch.testing.assert_close(parameter.grad, params[key].grad, rtol=1e-9, atol=1e-12, msg=key)
 
 
 IDENTITY_STAGES = {

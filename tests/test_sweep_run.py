@@ -141,13 +141,7 @@ def test_two_workers_run_every_cell_once_with_the_mlflow_topology(tmp_path):
 
 def test_a_killed_worker_loses_nothing_and_its_cell_resumes(tmp_path):
     path = sweep_file(
-        tmp_path,
-        QUICK
-        + "variants: {a: {}, b: {model.mta.post_qk_conv: null}}\nfixed_extra: null\n".replace(
-            "fixed_extra: null\n", ""
-        ),
-        seeds="[0]",
-        steps=300,
+        tmp_path, QUICK + "variants: {a: {}, b: {model.mta.post_qk_conv: null}}\n", seeds="[0]", steps=150
     )
     path.write_text(
         path.read_text().replace(
@@ -178,7 +172,7 @@ def test_a_killed_worker_loses_nothing_and_its_cell_resumes(tmp_path):
 
 
 def test_ctrl_c_stops_everything_cleanly_and_resumes(tmp_path):
-    path = sweep_file(tmp_path, QUICK + "variants: {a: {}}\n", seeds="[0]", steps=400)
+    path = sweep_file(tmp_path, QUICK + "variants: {a: {}}\n", seeds="[0]", steps=200)
     path.write_text(
         path.read_text().replace(
             "  train.log_every: 1\n", "  train.log_every: 1\n  train.checkpoint_every: 5\n"

@@ -87,9 +87,13 @@ class AttentionKernel(str, Enum):
 
     auto = "auto"
     """The fused Triton kernel on CUDA for layers with head groups of at most 2 (measured faster there),
-    else the reference path."""
+    else ``tiled``."""
     reference = "reference"
     """Always the materialised (batch, head, query, key) score map: the definition of correct."""
+    tiled = "tiled"
+    """The reference stages on blocks of ``attention_tile_rows`` queries against their causal keys,
+    recomputed in the backward pass: the same numbers, maps of (batch, head, rows, keys), about half
+    the work of the full map."""
     fused = "fused"
     """The fused kernel wherever it covers the layer, also on CPU (slowly, under TRITON_INTERPRET=1)."""
 
@@ -349,10 +353,20 @@ class ModelConfig:
     mta: MTAConfig | None = None
     """Multi-Token Attention; null is the plain-attention baseline."""
     attention_kernel: AttentionKernel = AttentionKernel.auto
-    """Fused kernel or reference score map for MTA layers; the same numbers either way."""
+    """Fused kernel, tiled or full reference score map for MTA layers; the same numbers every way."""
+    attention_tile_rows: int = 128
+    """Query rows per block of the ``tiled`` path (fastest of 64-512 on CPU; memory grows with it)."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "multiple_of",
+            "max_seq_len",
+            "attention_tile_rows",
+        ):
             value = getattr(self, name)
             _check(value >= 1, name, f"{value} is not allowed; use an integer >= 1")
         _check(self.ffn_mult > 0, "ffn_mult", f"{self.ffn_mult} must be > 0")

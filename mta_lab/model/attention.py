@@ -2,9 +2,10 @@
 
 One module serves every variant: with no stage on it is plain attention through
 ``scaled_dot_product_attention``; talking heads and MTA switch stages on. Stages that work on the
-(query, key) map run either on an explicit score map (the reference path, the definition of
-correct) or in the fused O(T)-memory Triton kernel (``mta_lab.kernels``), chosen per call by
-``ModelConfig.attention_kernel`` and the device; both use the same parameters.
+(query, key) map run on an explicit score map (the reference path, the definition of correct), on
+the same map in blocks of query rows (the tiled path), or in the fused O(T)-memory Triton kernel
+(``mta_lab.kernels``), chosen per call by ``ModelConfig.attention_kernel`` and the device; all use the
+same parameters.
 
 Shape legend: b batch, t positions, h query heads, n key/value heads, d head dim,
 q query positions, k key positions (q = k = t).
@@ -17,6 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mta_lab.config import AttentionKernel, ModelConfig, MTAConfig
 from mta_lab.model.layers import apply_rope
@@ -28,7 +30,8 @@ logger = logging.getLogger(__name__)
 AUTO_FUSED_MAX_GROUP = 2
 """``auto`` takes the fused path only up to this head-mixing group size. The fused path widens its
 operands by the group size; on an H100 (B=8, H=16, T=2048, d=64, bf16, fwd+bwd) it was 2.3x faster
-than the reference with groups of 2 and 3x (talking heads) to 6.5x (paper layer) slower with 16."""
+than the full reference map with groups of 2 and 3x (talking heads) to 6.5x (paper layer) slower
+with 16."""
 
 
 class Attention(nn.Module):
@@ -53,7 +56,8 @@ class Attention(nn.Module):
             HeadOutNorm(mta.out_norm, self.head_dim, plan.out_norm_scale) if mta.out_norm else None
         )
         self.uses_score_map = plan.uses_score_map
-        self.kernel, self.layer_id, self._logged_path = config.attention_kernel, plan.layer_id, None
+        self.kernel, self.tile_rows = config.attention_kernel, config.attention_tile_rows
+        self.layer_id, self._logged_path = plan.layer_id, None
         logger.info("layer %d: %s", plan.layer_id, plan.describe())
 
     def forward(self, x_btd: torch.Tensor, cos_tf: torch.Tensor, sin_tf: torch.Tensor) -> torch.Tensor:
@@ -63,11 +67,10 @@ class Attention(nn.Module):
         v_btnd = self.wv(x_btd).view(b, t, self.n_kv_heads, self.head_dim)
         q_bhtd, k_bntd, v_bntd = (x.transpose(1, 2) for x in (q_bthd, k_btnd, v_btnd))
 
-        if self.uses_score_map and self._use_fused(q_bhtd):
+        path = self._path(q_bhtd) if self.uses_score_map else "sdpa"
+        if path == "fused":
             out_bhtd = self._fused_attention(q_bhtd, k_bntd, v_bntd)
-        elif self.uses_score_map:
-            out_bhtd = self._score_map_attention(q_bhtd, k_bntd, v_bntd)
-        else:
+        elif path == "sdpa":
             out_bhtd = F.scaled_dot_product_attention(
                 q_bhtd,
                 k_bntd,
@@ -76,37 +79,42 @@ class Attention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
+        else:
+            out_bhtd = self._score_map_attention(
+                q_bhtd, k_bntd, v_bntd, self.tile_rows if path == "tiled" else None
+            )
         out_bthd = out_bhtd.transpose(1, 2)
         if self.out_norm is not None:
             out_bthd = self.out_norm(out_bthd)
         return self.wo(out_bthd.reshape(b, t, self.n_heads * self.head_dim))
 
-    def _use_fused(self, q_bhtd: torch.Tensor) -> bool:
-        """The path for this call, logged once per layer (and again if it changes)."""
+    def _path(self, q_bhtd: torch.Tensor) -> str:
+        """``fused``, ``tiled`` or ``reference`` for this call, logged once per layer (and on change)."""
         from mta_lab.kernels import band_flash
 
         dropout = self.training and self.dropout > 0
         if self.kernel == AttentionKernel.fused and not band_flash.available():
             raise RuntimeError(
                 "model.attention_kernel=fused needs Triton (pip install triton); "
-                "use attention_kernel=auto or reference"
+                "use attention_kernel=auto, tiled or reference"
             )
-        if self.kernel == AttentionKernel.reference:
-            path, why = "reference", "attention_kernel=reference"
+        if self.kernel in (AttentionKernel.reference, AttentionKernel.tiled):
+            path, why = self.kernel.value, f"attention_kernel={self.kernel.value}"
         elif dropout:
-            path, why = "reference", "the fused kernel has no attention dropout"
+            path, why = "tiled", "the fused kernel has no attention dropout"
         elif self.kernel == AttentionKernel.fused:
             path, why = "fused", "attention_kernel=fused"
         elif not (q_bhtd.is_cuda and band_flash.available()):
-            path, why = "reference", "the fused kernel runs on CUDA with Triton"
+            path, why = "tiled", "the fused kernel runs on CUDA with Triton"
         elif self._widest_mix() > AUTO_FUSED_MAX_GROUP:
-            path, why = "reference", f"head groups of {self._widest_mix()}: faster here, measured on an H100"
+            path, why = "tiled", f"head groups of {self._widest_mix()}: the fused kernel is slower there"
         else:
             path, why = "fused", "auto on CUDA"
         if path != self._logged_path:
-            logger.info("layer %d: MTA on the %s path (%s)", self.layer_id, path, why)
+            rows = f" of {self.tile_rows} query rows" if path == "tiled" else ""
+            logger.info("layer %d: MTA on the %s path%s (%s)", self.layer_id, path, rows, why)
             self._logged_path = path
-        return path == "fused"
+        return path
 
     def _widest_mix(self) -> int:
         mixes = [m.weight.shape[1] for m in (self.pre_head_mix, self.post_head_mix) if m is not None]
@@ -139,29 +147,77 @@ class Attention(nn.Module):
         )
 
     def _score_map_attention(
-        self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor
+        self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor, tile_rows: int | None = None
     ) -> torch.Tensor:
-        """The reference MTA path: materialises (b, h, q, k) maps; the mask stays (q, k)."""
+        """The reference MTA path: materialises (b, h, q, k) maps; the mask stays (q, k).
+
+        With ``tile_rows`` the same stages run on blocks of that many query rows, each against its
+        causal keys only (about half the work of the full map) and recomputed in the backward pass
+        (torch.utils.checkpoint): score maps of (b, h, tile_rows + halo, t) instead of (b, h, t, t)."""
         t = q_bhtd.shape[2]
         # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads, and every MTA
         # kernel is per query head, so keys and values are repeated first (spec 1.8).
         k_bhtd = k_bntd.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         v_bhtd = v_bntd.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        future_qk = torch.ones(t, t, dtype=torch.bool, device=q_bhtd.device).triu(1)
+        if tile_rows is None or tile_rows >= t:
+            return self._score_map_rows(q_bhtd, k_bhtd, v_bhtd, 0, t)
+        blocks = [
+            checkpoint(
+                self._score_map_rows,
+                q_bhtd,
+                k_bhtd,
+                v_bhtd,
+                first,
+                min(first + tile_rows, t),
+                use_reentrant=False,
+            )
+            for first in range(0, t, tile_rows)
+        ]
+        return torch.cat(blocks, dim=2)
+
+    def _score_map_rows(
+        self, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, first: int, end: int
+    ) -> torch.Tensor:
+        """Output rows [first, end) of the score-map stages: [b, h, end - first, d].
+
+        They read keys and values before ``end`` only (later ones are masked) and, through the
+        convolutions, the c_q - 1 query rows above each row: the map starts ``halo`` rows higher,
+        and each convolution takes its rows above from the map instead of zero padding."""
+        start = max(0, first - sum(conv.halo_rows for conv in self._convs()))
+        device = q_bhtd.device
 
         # Scale before the convolution, as the official code does (spec 1.1 step 5). Masks are filled in
         # place: no op before them keeps its output for backward, so no map is copied to be masked.
-        scores_bhqk = (q_bhtd @ k_bhtd.transpose(-2, -1)) * self.head_dim**-0.5
+        scores_bhqk = (q_bhtd[:, :, start:end] @ k_bhtd[:, :, :end].transpose(-2, -1)) * self.head_dim**-0.5
         if self.pre_qk_conv is not None:  # Eq. 5: Conv(Mask_0(scores))
-            scores_bhqk = self.pre_qk_conv(scores_bhqk.masked_fill_(future_qk, 0.0))
+            scores_bhqk, start = self._convolve(
+                self.pre_qk_conv, scores_bhqk.masked_fill_(_future(start, end, device), 0.0), start
+            )
         if self.pre_head_mix is not None:
             scores_bhqk = self.pre_head_mix(scores_bhqk)
         # Softmax in fp32 (spec 1.1 step 8): for 16-bit maps torch's softmax accumulates in fp32 and rounds
         # once, the numbers of an fp32 copy without its two fp32 maps. Masked entries become exact zeros.
-        probs_bhqk = torch.softmax(scores_bhqk.masked_fill_(future_qk, float("-inf")), dim=-1)
+        probs_bhqk = torch.softmax(
+            scores_bhqk.masked_fill_(_future(start, end, device), float("-inf")), dim=-1
+        )
         if self.post_qk_conv is not None:  # Eq. 6: Mask_0(Conv(probs)); rows are not renormalised
-            probs_bhqk = self.post_qk_conv(probs_bhqk).masked_fill_(future_qk, 0.0)
+            probs_bhqk, start = self._convolve(self.post_qk_conv, probs_bhqk, start)
+            probs_bhqk = probs_bhqk.masked_fill_(_future(start, end, device), 0.0)
         if self.post_head_mix is not None:
             probs_bhqk = self.post_head_mix(probs_bhqk)
-        probs_bhqk = F.dropout(probs_bhqk, p=self.dropout, training=self.training)
-        return probs_bhqk @ v_bhtd
+        probs_bhqk = F.dropout(probs_bhqk[:, :, first - start :], p=self.dropout, training=self.training)
+        return probs_bhqk @ v_bhtd[:, :, :end]
+
+    @staticmethod
+    def _convolve(conv: QKConv, maps_bhqk: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        """conv on a map of rows [start, end): rows above 0 are zeros; rows above a later start are in
+        the map (its first c_q - 1 rows), so the output starts that much lower."""
+        return conv(maps_bhqk, halo=start > 0), start + (conv.halo_rows if start > 0 else 0)
+
+    def _convs(self) -> list[QKConv]:
+        return [conv for conv in (self.pre_qk_conv, self.post_qk_conv) if conv is not None]
+
+
+def _future(start: int, end: int, device: torch.device) -> torch.Tensor:
+    """[q, k] True where the key is after the query, for queries start..end-1 and keys 0..end-1."""
+    return torch.ones(end - start, end, dtype=torch.bool, device=device).triu(start + 1)

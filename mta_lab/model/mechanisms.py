@@ -24,7 +24,8 @@ class QKConv(nn.Module):
     the official code's orientation: the paper's theta flipped in both axes.
 
     The input's future entries (key > query) must already be 0 (Mask_0 of Eq. 5); the output's are
-    meaningless and the caller masks them.
+    meaningless and the caller masks them. Keys past the map's last column are taken as 0, so a map
+    cut after the last query's column (every later entry is masked) convolves exactly.
     """
 
     def __init__(self, config: QKConvConfig, n_heads: int):
@@ -33,16 +34,23 @@ class QKConv(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(n_heads, config.query_kernel, config.key_kernel)
         )  # h, c_q, c_k
-        left = config.left_pad
-        # F.pad order: (key left, key right, query top, query bottom).
-        self.padding = (left, config.key_kernel - 1 - left, config.query_kernel - 1, 0)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init.qk_kernel_(self.weight, self.config)
 
-    def forward(self, maps_bhqk: torch.Tensor) -> torch.Tensor:
-        padded_bhqk = F.pad(maps_bhqk, self.padding)
+    @property
+    def halo_rows(self) -> int:
+        """Query rows above an output row that it reads: c_q - 1."""
+        return self.config.query_kernel - 1
+
+    def forward(self, maps_bhqk: torch.Tensor, halo: bool = False) -> torch.Tensor:
+        """The convolved map; with ``halo`` the first c_q - 1 rows are context only (the rows above a
+        block of queries) and the output is that much shorter, else zero rows are padded on top."""
+        left = self.config.left_pad
+        # F.pad order: (key left, key right, query top, query bottom).
+        padding = (left, self.config.key_kernel - 1 - left, 0 if halo else self.halo_rows, 0)
+        padded_bhqk = F.pad(maps_bhqk, padding)
         kernel_h1qk = self.weight.unsqueeze(1).to(maps_bhqk.dtype)
         return F.conv2d(padded_bhqk, kernel_h1qk, groups=self.weight.shape[0])
 

@@ -1,5 +1,6 @@
 """``mta-lab bench attention``: one attention layer's core (after the q, k, v projections) timed as
-plain SDPA, the reference MTA path (eager and compiled) and the fused kernel, in one process.
+plain SDPA, the reference MTA path (eager and compiled, full score map), the same path in blocks of
+query rows (tiled) and the fused kernel, in one process.
 
 Times are medians over repeats, taken with CUDA events on a GPU (wall clock on CPU); "extra memory"
 is the peak allocated during one forward+backward minus what was allocated before it (inputs).
@@ -10,6 +11,7 @@ T=2048, d=64, bf16 on an H100.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -53,7 +55,7 @@ LAYERS: dict[str, Callable[[], MTAConfig]] = {
 }
 """MTA layer configurations that can be benchmarked, by name."""
 
-PATHS = ("sdpa", "reference", "reference-compiled", "fused")
+PATHS = ("sdpa", "reference", "reference-compiled", "tiled", "fused")
 
 
 @dataclass
@@ -123,6 +125,8 @@ def _core(module, path: str, device: torch.device):
         return module._score_map_attention, ""
     if path == "reference-compiled":
         return torch.compile(module._score_map_attention), ""
+    if path == "tiled":
+        return functools.partial(module._score_map_attention, tile_rows=module.tile_rows), ""
     if not band_flash.available():
         return None, "needs triton"
     if device.type != "cuda" and not band_flash.interpreting():
