@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mta_lab.cli import main
 
@@ -87,3 +88,28 @@ def test_bench_attention_times_every_path(capsys):
     rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()[2:5]}
     assert set(rows) == {"sdpa", "reference", "fused"}
     assert all(float(row[3]) > 0 for row in rows.values())  # forward+backward ms
+
+
+def test_bench_attention_measures_memory_on_cpu_too():
+    """The tiled path's maps hold 128 query rows (plus the convolutions' halo), the reference's all 384."""
+    from mta_lab.train.bench_attention import Shape, bench_attention
+
+    shape = Shape(batch=1, heads=2, seq_len=384, head_dim=8, dtype=torch.float32)
+    timings = bench_attention(["paper-layer"], ["reference", "tiled"], shape, 1, torch.device("cpu"))
+    reference, tiled = (t.extra_gib for t in timings)
+    assert 0 < tiled < 0.6 * reference
+
+
+def test_cpu_memory_is_the_peak_of_live_tensors():
+    """Hand-counted: two 4000-byte tensors alive at once at most; views and in-place results are free."""
+    from mta_lab.train.bench_attention import _LiveBytes
+
+    with torch.no_grad(), _LiveBytes() as tracker:
+        a = torch.ones(1000)  # 4000 bytes live
+        b = a.add_(1).mul(2)  # in place, then a new 4000: 8000
+        del a  # 4000
+        c = b.view(10, 100).exp()  # a view, then a new 4000: 8000
+        del b, c  # 0
+        d = torch.zeros(500)  # 2000
+    assert (tracker.peak, tracker.live) == (8000, 2000)
+    del d

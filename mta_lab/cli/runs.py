@@ -72,7 +72,7 @@ def register(commands) -> None:
         "attention",
         help="one attention layer: SDPA vs the reference MTA path (full and tiled) vs the fused kernel",
         description="Time forward and forward+backward of one attention layer's core (after the q, k, v "
-        "projections) and its peak extra GPU memory, as plain SDPA, the reference MTA path (full score "
+        "projections) and its peak extra memory, as plain SDPA, the reference MTA path (full score "
         "map, eager and torch.compile; tiled in blocks of query rows) and the fused Triton kernel. Medians "
         "over repeats with CUDA events; ratios are to SDPA. Defaults: the issue's shape (B=8, H=16, "
         "T=2048, d=64, bf16) on a GPU, a small fp32 shape on CPU (where the fused kernel runs only under "
@@ -287,7 +287,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)"
     console.print(
         f"device: {name}; medians of {args.repeats} repeats after a warm-up"
-        + ("" if gpu else "; memory is measured on CUDA only"),
+        + ("" if gpu else "; CPU memory: peak of the tensors ops return (no scratch space)"),
         highlight=False,
     )
     return 0

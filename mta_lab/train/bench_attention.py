@@ -3,7 +3,8 @@ plain SDPA, the reference MTA path (eager and compiled, full score map), the sam
 query rows (tiled) and the fused kernel, in one process.
 
 Times are medians over repeats, taken with CUDA events on a GPU (wall clock on CPU); "extra memory"
-is the peak allocated during one forward+backward minus what was allocated before it (inputs).
+is the peak allocated during one forward+backward minus what was allocated before it (inputs), from
+CUDA's allocator or, on CPU, from the tensors the ops return.
 Ratios are to SDPA's forward+backward at the same shape. The anchors in the issue use B=8, H=16,
 T=2048, d=64, bf16 on an H100.
 """
@@ -14,11 +15,14 @@ import contextlib
 import functools
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mta_lab.config import (
     AttentionKernel,
@@ -193,12 +197,47 @@ def _median_ms(work, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _extra_memory(work, device: torch.device) -> float | None:
+def _extra_memory(work, device: torch.device) -> float:
+    """Peak GiB allocated by ``work`` beyond what was live before it: CUDA's allocator statistics on a
+    GPU; elsewhere, the tensors the dispatcher hands out (:class:`_LiveBytes`)."""
     if device.type != "cuda":
-        return None
+        with _LiveBytes() as tracker:
+            work()
+        return tracker.peak / 2**30
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     work()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that ops return while the mode is on, each counted from its creation
+    until its last holder (a tensor, a view, autograd's saved values) lets go of it. Scratch space
+    inside an op is not seen, so this is a lower bound of what an allocator would report."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._count(tensor.untyped_storage())
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata  # the storage itself; its Python object lives as long as it does
+        if key in self._counted:  # a view or an in-place result
+            return
+        self._counted.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, storage.nbytes())
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._counted.discard(key)
+        self.live -= nbytes
