@@ -19,12 +19,12 @@ from mta_lab.config.model import (
 from mta_lab.config.run import RunConfig
 
 __all__ = [
+    "AttentionKernel",
     "ConfigError",
     "ConfigFieldError",
     "DepthScaling",
     "GateKind",
     "HeadMixConfig",
-    "AttentionKernel",
     "InitStdFactor",
     "KernelInit",
     "KeyPadding",
