@@ -81,12 +81,12 @@ def test_console_script_exit_code():
 
 @pytest.mark.kernel
 def test_bench_attention_times_every_path(capsys):
-    """On CPU the fused kernel runs under Triton's interpreter (conftest), so every path has a time."""
+    """On CPU the Triton kernels run under Triton's interpreter (conftest), so every path has a time."""
     pytest.importorskip("triton")
     argv = ["bench", "attention", "convs-6x11-mix-c2", "--seq-len", "20", "--heads", "2", "--head-dim", "8"]
-    assert main([*argv, "--repeats", "1", "--paths", "sdpa,reference,fused"]) == 0
-    rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()[2:5]}
-    assert set(rows) == {"sdpa", "reference", "fused"}
+    assert main([*argv, "--repeats", "1", "--paths", "sdpa,reference,tiled-triton,fused"]) == 0
+    rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()[2:6]}
+    assert set(rows) == {"sdpa", "reference", "tiled-triton", "fused"}
     assert all(float(row[3]) > 0 for row in rows.values())  # forward+backward ms
 
 

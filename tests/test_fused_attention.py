@@ -5,6 +5,7 @@ of path. Without a GPU the Triton kernel runs under TRITON_INTERPRET=1 (set in c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from mta_lab.config import (
     MTAConfig,
     QKConvConfig,
 )
-from mta_lab.kernels import band_flash
+from mta_lab.kernels import band_flash, score_conv
 from mta_lab.kernels.band_flash import band_attention, band_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,15 +162,21 @@ FUSED_LAYERS = {
 def test_fused_layer_outputs_and_gradients_match_the_reference(name, dtype):
     """Random kernels and mixing weights; gradients of the input (so of q, k, v) and every parameter
     against the reference path in float64."""
-    n_heads, n_kv_heads, head_dim, seq_len, mta = FUSED_LAYERS[name]
-    fused = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta), dtype=torch.float64)
-    randomize_(fused, seed=sum(map(ord, name)), scale=0.3)
-    exact = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta, AttentionKernel.reference))
-    exact.load_state_dict(fused.state_dict())
-    fused = fused.to(DEVICE, dtype)
-    x = torch.randn(
-        2, seq_len, fused.n_heads * head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
-    )
+    n_heads, n_kv_heads, head_dim, _, mta = FUSED_LAYERS[name]
+    assert_matches_reference(name, layer_config(n_heads, n_kv_heads, head_dim, mta), dtype)
+
+
+def assert_matches_reference(name: str, config: ModelConfig, dtype: torch.dtype) -> None:
+    """The layer of ``config`` in ``dtype`` against the reference path in float64 on the case ``name``
+    of FUSED_LAYERS (its sequence length): the output and the gradients of the input and of every
+    parameter, within the dtype's tolerance relative to each one's largest entry."""
+    seq_len = FUSED_LAYERS[name][3]
+    layer = build_attention(config, dtype=torch.float64)
+    randomize_(layer, seed=sum(map(ord, name)), scale=0.3)
+    exact = build_attention(dataclasses.replace(config, attention_kernel=AttentionKernel.reference))
+    exact.load_state_dict(layer.state_dict())
+    layer = layer.to(DEVICE, dtype)
+    x = torch.randn(2, seq_len, config.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     d_out = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def run(layer, inputs):
@@ -180,7 +187,7 @@ def test_fused_layer_outputs_and_gradients_match_the_reference(name, dtype):
         return out, grads
 
     expected_out, expected = run(exact, x)
-    actual_out, actual = run(fused, x.to(DEVICE, dtype))
+    actual_out, actual = run(layer, x.to(DEVICE, dtype))
     tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
     for key, e in ({"output": expected_out} | expected).items():
         a = actual_out if key == "output" else actual[key]
@@ -241,27 +248,29 @@ def test_auto_uses_the_tiled_path_on_cpu_and_says_so(caplog):
         run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
     lines = [r.getMessage() for r in caplog.records if "path" in r.getMessage()]
     assert lines == [
-        "layer 0: MTA on the tiled path of 128 query rows (the fused kernel runs on CUDA with Triton)"
+        "layer 0: MTA on the tiled path of 128 query rows, convolutions by F.conv2d "
+        "(the fused kernel runs on CUDA with Triton)"
     ]
 
 
 def test_auto_keeps_wide_head_groups_off_the_fused_path(caplog, monkeypatch):
     """On CUDA, auto takes the fused path up to head groups of 2 and the tiled path for wider mixing
-    (the fused kernel measured slower there than even the full score map)."""
+    (the fused kernel measured slower there than even the full score map), convolving by Triton."""
     monkeypatch.setattr(band_flash, "available", lambda: True)
-    on_cuda = SimpleNamespace(is_cuda=True)  # the path choice reads only where q lives
+    monkeypatch.setattr(score_conv, "passes_check", lambda *args: True)
+    on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0", dtype=torch.bfloat16)  # all the choice reads
 
     def layer(group_size):
         mta = MTAConfig(pre_qk_conv=conv(2, 3), post_head_mix=HeadMixConfig(group_size=group_size))
         return build_attention(layer_config(4, 4, 4, mta, AttentionKernel.auto))
 
     with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
-        assert layer(2)._path(on_cuda) == "fused"
-        assert layer(4)._path(on_cuda) == "tiled"
+        assert layer(2)._path(on_cuda) == ("fused", False)
+        assert layer(4)._path(on_cuda) == ("tiled", True)  # and convolves by the Triton kernel
     assert "MTA on the fused path (auto on CUDA)" in caplog.text
     assert (
-        "MTA on the tiled path of 128 query rows (head groups of 4: the fused kernel is slower there)"
-        in caplog.text
+        "MTA on the tiled path of 128 query rows, convolutions by Triton "
+        "(head groups of 4: the fused kernel is slower there)" in caplog.text
     )
 
 
@@ -271,15 +280,23 @@ def test_attention_dropout_keeps_the_fused_kernel_off(caplog):
     layer = build_attention(config).train()
     with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
         run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
-    assert "tiled path of 128 query rows (the fused kernel has no attention dropout)" in caplog.text
+    assert (
+        "tiled path of 128 query rows, convolutions by F.conv2d (the fused kernel has no attention dropout)"
+        in caplog.text
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["pre-conv-6x11", "convs-6x11-mix-c2", "paper-layer"])
-def test_full_size_fused_layer_matches_the_reference_on_gpu(name):
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [(name, "fused") for name in ("pre-conv-6x11", "convs-6x11-mix-c2", "paper-layer")]
+    + [("paper-layer", "tiled-triton")],
+)
+def test_full_size_fused_layer_matches_the_reference_on_gpu(name, path):
     """The issue's shape (H=16, T=2048, d=64, bf16; batch 2 to keep the reference's maps small): the
-    fused path against the reference path computed in fp32, outputs and gradients."""
+    fused path, or the tiled path with the Triton convolutions, against the reference path computed
+    in fp32, outputs and gradients."""
     from mta_lab.train.bench_attention import LAYERS
 
     config = ModelConfig(
@@ -303,7 +320,12 @@ def test_full_size_fused_layer_matches_the_reference_on_gpu(name):
         return [out] + [x.grad for x in leaves]
 
     expected = run(exact._score_map_attention, torch.float32)
-    actual = run(fused._fused_attention, torch.bfloat16)
+    core = (
+        fused._fused_attention
+        if path == "fused"
+        else functools.partial(fused._score_map_attention, tile_rows=128, triton_convs=True)
+    )
+    actual = run(core, torch.bfloat16)
     for key, a, e in zip(["out", "dq", "dk", "dv"], actual, expected, strict=True):
         error = (a.float() - e).abs().max() / e.abs().max()
         assert error < 5e-2, f"{key}: relative error {error:.2e}"

@@ -73,16 +73,18 @@ def register(commands) -> None:
         help="one attention layer: SDPA vs the reference MTA path (full and tiled) vs the fused kernel",
         description="Time forward and forward+backward of one attention layer's core (after the q, k, v "
         "projections) and its peak extra memory, as plain SDPA, the reference MTA path (full score "
-        "map, eager and torch.compile; tiled in blocks of query rows) and the fused Triton kernel. Medians "
-        "over repeats with CUDA events; ratios are to SDPA. Defaults: the issue's shape (B=8, H=16, "
-        "T=2048, d=64, bf16) on a GPU, a small fp32 shape on CPU (where the fused kernel runs only under "
-        "TRITON_INTERPRET=1).",
+        "map, eager and torch.compile; tiled in blocks of query rows, convolving by F.conv2d or, as "
+        "tiled-triton, by the Triton score-map kernel) and the fused Triton kernel. Medians over repeats "
+        "with CUDA events; ratios are to SDPA. Defaults: the issue's shape (B=8, H=16, T=2048, d=64, bf16) "
+        "on a GPU, a small fp32 shape on CPU (where the Triton kernels run only under TRITON_INTERPRET=1).",
     )
     bench_attention.add_argument(
         "layers", nargs="*", default=["pre-conv-6x11", "paper-layer"], metavar="LAYER", help="MTA layers"
     )
     bench_attention.add_argument(
-        "--paths", default="sdpa,reference,reference-compiled,tiled,fused", help="comma-separated"
+        "--paths",
+        default="sdpa,reference,reference-compiled,tiled,tiled-triton,fused",
+        help="comma-separated",
     )
     bench_attention.add_argument("--batch", type=common.positive_int, help="default 8 on GPU, 1 on CPU")
     bench_attention.add_argument("--heads", type=common.positive_int, help="default 16 on GPU, 4 on CPU")

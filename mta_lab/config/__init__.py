@@ -15,6 +15,7 @@ from mta_lab.config.model import (
     MTAConfig,
     OutNormConfig,
     QKConvConfig,
+    ScoreConvKernel,
 )
 from mta_lab.config.run import RunConfig
 
@@ -34,6 +35,7 @@ __all__ = [
     "OutNormConfig",
     "QKConvConfig",
     "RunConfig",
+    "ScoreConvKernel",
     "load_config",
     "preset_names",
     "resolved_yaml",

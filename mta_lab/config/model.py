@@ -98,6 +98,19 @@ class AttentionKernel(str, Enum):
     """The fused kernel wherever it covers the layer, also on CPU (slowly, under TRITON_INTERPRET=1)."""
 
 
+class ScoreConvKernel(str, Enum):
+    """How the ``tiled`` path convolves its blocks of score maps (the ``reference`` path always uses
+    ``F.conv2d``, the definition)."""
+
+    auto = "auto"
+    """``triton`` on CUDA when Triton is installed, else ``torch``."""
+    torch = "torch"
+    """``F.conv2d`` with one group per head (cuDNN on a GPU)."""
+    triton = "triton"
+    """The Toeplitz tensor-core kernel (mta_lab.kernels.score_conv); on CPU only under
+    TRITON_INTERPRET=1, slowly."""
+
+
 class InitStdFactor(str, Enum):
     """Divisor of the output projections' init std per layer (Lingua's ``init_std_factor``)."""
 
@@ -356,6 +369,8 @@ class ModelConfig:
     """Fused kernel, tiled or full reference score map for MTA layers; the same numbers every way."""
     attention_tile_rows: int = 128
     """Query rows per block of the ``tiled`` path (fastest of 64-512 on CPU; memory grows with it)."""
+    score_conv: ScoreConvKernel = ScoreConvKernel.auto
+    """Kernel of the key-query convolutions on the ``tiled`` path; the same numbers either way."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mta_lab.config import AttentionKernel, ModelConfig, MTAConfig
+from mta_lab.config import AttentionKernel, ModelConfig, MTAConfig, ScoreConvKernel
 from mta_lab.model.layers import apply_rope
 from mta_lab.model.mechanisms import HeadMix, HeadOutNorm, QKConv
 from mta_lab.model.plan import LayerPlan
@@ -57,6 +57,7 @@ class Attention(nn.Module):
         )
         self.uses_score_map = plan.uses_score_map
         self.kernel, self.tile_rows = config.attention_kernel, config.attention_tile_rows
+        self.score_conv = config.score_conv
         self.layer_id, self._logged_path = plan.layer_id, None
         logger.info("layer %d: %s", plan.layer_id, plan.describe())
 
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         v_btnd = self.wv(x_btd).view(b, t, self.n_kv_heads, self.head_dim)
         q_bhtd, k_bntd, v_bntd = (x.transpose(1, 2) for x in (q_bthd, k_btnd, v_btnd))
 
-        path = self._path(q_bhtd) if self.uses_score_map else "sdpa"
+        path, triton_convs = self._path(q_bhtd) if self.uses_score_map else ("sdpa", False)
         if path == "fused":
             out_bhtd = self._fused_attention(q_bhtd, k_bntd, v_bntd)
         elif path == "sdpa":
@@ -81,15 +82,16 @@ class Attention(nn.Module):
             )
         else:
             out_bhtd = self._score_map_attention(
-                q_bhtd, k_bntd, v_bntd, self.tile_rows if path == "tiled" else None
+                q_bhtd, k_bntd, v_bntd, self.tile_rows if path == "tiled" else None, triton_convs
             )
         out_bthd = out_bhtd.transpose(1, 2)
         if self.out_norm is not None:
             out_bthd = self.out_norm(out_bthd)
         return self.wo(out_bthd.reshape(b, t, self.n_heads * self.head_dim))
 
-    def _path(self, q_bhtd: torch.Tensor) -> str:
-        """``fused``, ``tiled`` or ``reference`` for this call, logged once per layer (and on change)."""
+    def _path(self, q_bhtd: torch.Tensor) -> tuple[str, bool]:
+        """``fused``, ``tiled`` or ``reference`` for this call, and whether the tiled path convolves
+        with the Triton kernel; logged once per layer (and on change)."""
         from mta_lab.kernels import band_flash
 
         dropout = self.training and self.dropout > 0
@@ -110,11 +112,46 @@ class Attention(nn.Module):
             path, why = "tiled", f"head groups of {self._widest_mix()}: the fused kernel is slower there"
         else:
             path, why = "fused", "auto on CUDA"
-        if path != self._logged_path:
-            rows = f" of {self.tile_rows} query rows" if path == "tiled" else ""
-            logger.info("layer %d: MTA on the %s path%s (%s)", self.layer_id, path, rows, why)
-            self._logged_path = path
-        return path
+        triton_convs = path == "tiled" and self._triton_convs(q_bhtd)
+        if (path, triton_convs) != self._logged_path:
+            how = ""
+            if path == "tiled":
+                convs = "Triton" if triton_convs else "F.conv2d"
+                how = f" of {self.tile_rows} query rows" + (
+                    f", convolutions by {convs}" if self._convs() else ""
+                )
+            logger.info("layer %d: MTA on the %s path%s (%s)", self.layer_id, path, how, why)
+            self._logged_path = path, triton_convs
+        return path, triton_convs
+
+    def _triton_convs(self, q_bhtd: torch.Tensor) -> bool:
+        """Whether the tiled path convolves with mta_lab.kernels.score_conv (``model.score_conv``)."""
+        from mta_lab.kernels import band_flash
+
+        if not self._convs() or self.score_conv == ScoreConvKernel.torch:
+            return False
+        if self.score_conv == ScoreConvKernel.auto:
+            from mta_lab.kernels import score_conv
+
+            # Checked once per process against F.conv2d on this device, for the dtypes of both maps
+            # (16-bit scores; softmax's fp32 probabilities under autocast).
+            return (
+                q_bhtd.is_cuda
+                and band_flash.available()
+                and all(
+                    score_conv.passes_check(
+                        str(q_bhtd.device), dtype, *conv.weight.shape[1:], conv.config.left_pad
+                    )
+                    for conv in self._convs()
+                    for dtype in dict.fromkeys((q_bhtd.dtype, torch.float32))
+                )
+            )
+        if not band_flash.available() or not (q_bhtd.is_cuda or band_flash.interpreting()):
+            raise RuntimeError(
+                "model.score_conv=triton needs Triton (pip install triton) and CUDA, or TRITON_INTERPRET=1 "
+                "on CPU; use score_conv=auto or torch"
+            )
+        return True
 
     def _widest_mix(self) -> int:
         mixes = [m.weight.shape[1] for m in (self.pre_head_mix, self.post_head_mix) if m is not None]
@@ -147,20 +184,26 @@ class Attention(nn.Module):
         )
 
     def _score_map_attention(
-        self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor, tile_rows: int | None = None
+        self,
+        q_bhtd: torch.Tensor,
+        k_bntd: torch.Tensor,
+        v_bntd: torch.Tensor,
+        tile_rows: int | None = None,
+        triton_convs: bool = False,
     ) -> torch.Tensor:
         """The reference MTA path: materialises (b, h, q, k) maps; the mask stays (q, k).
 
         With ``tile_rows`` the same stages run on blocks of that many query rows, each against its
         causal keys only (about half the work of the full map) and recomputed in the backward pass
-        (torch.utils.checkpoint): score maps of (b, h, tile_rows + halo, t) instead of (b, h, t, t)."""
+        (torch.utils.checkpoint): score maps of (b, h, tile_rows + halo, t) instead of (b, h, t, t).
+        ``triton_convs`` convolves with mta_lab.kernels.score_conv instead of F.conv2d."""
         t = q_bhtd.shape[2]
         # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads, and every MTA
         # kernel is per query head, so keys and values are repeated first (spec 1.8).
         k_bhtd = k_bntd.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         v_bhtd = v_bntd.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         if tile_rows is None or tile_rows >= t:
-            return self._score_map_rows(q_bhtd, k_bhtd, v_bhtd, 0, t)
+            return self._score_map_rows(q_bhtd, k_bhtd, v_bhtd, 0, t, triton_convs)
         blocks = [
             checkpoint(
                 self._score_map_rows,
@@ -169,6 +212,7 @@ class Attention(nn.Module):
                 v_bhtd,
                 first,
                 min(first + tile_rows, t),
+                triton_convs,
                 use_reentrant=False,
             )
             for first in range(0, t, tile_rows)
@@ -176,7 +220,13 @@ class Attention(nn.Module):
         return torch.cat(blocks, dim=2)
 
     def _score_map_rows(
-        self, q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, v_bhtd: torch.Tensor, first: int, end: int
+        self,
+        q_bhtd: torch.Tensor,
+        k_bhtd: torch.Tensor,
+        v_bhtd: torch.Tensor,
+        first: int,
+        end: int,
+        triton_convs: bool = False,
     ) -> torch.Tensor:
         """Output rows [first, end) of the score-map stages: [b, h, end - first, d].
 
@@ -191,7 +241,10 @@ class Attention(nn.Module):
         scores_bhqk = (q_bhtd[:, :, start:end] @ k_bhtd[:, :, :end].transpose(-2, -1)) * self.head_dim**-0.5
         if self.pre_qk_conv is not None:  # Eq. 5: Conv(Mask_0(scores))
             scores_bhqk, start = self._convolve(
-                self.pre_qk_conv, scores_bhqk.masked_fill_(_future(start, end, device), 0.0), start
+                self.pre_qk_conv,
+                scores_bhqk.masked_fill_(_future(start, end, device), 0.0),
+                start,
+                triton_convs,
             )
         if self.pre_head_mix is not None:
             scores_bhqk = self.pre_head_mix(scores_bhqk)
@@ -201,7 +254,7 @@ class Attention(nn.Module):
             scores_bhqk.masked_fill_(_future(start, end, device), float("-inf")), dim=-1
         )
         if self.post_qk_conv is not None:  # Eq. 6: Mask_0(Conv(probs)); rows are not renormalised
-            probs_bhqk, start = self._convolve(self.post_qk_conv, probs_bhqk, start)
+            probs_bhqk, start = self._convolve(self.post_qk_conv, probs_bhqk, start, triton_convs)
             probs_bhqk = probs_bhqk.masked_fill_(_future(start, end, device), 0.0)
         if self.post_head_mix is not None:
             probs_bhqk = self.post_head_mix(probs_bhqk)
@@ -209,10 +262,12 @@ class Attention(nn.Module):
         return probs_bhqk @ v_bhtd[:, :, :end]
 
     @staticmethod
-    def _convolve(conv: QKConv, maps_bhqk: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+    def _convolve(
+        conv: QKConv, maps_bhqk: torch.Tensor, start: int, triton: bool
+    ) -> tuple[torch.Tensor, int]:
         """conv on a map of rows [start, end): rows above 0 are zeros; rows above a later start are in
         the map (its first c_q - 1 rows), so the output starts that much lower."""
-        return conv(maps_bhqk, halo=start > 0), start + (conv.halo_rows if start > 0 else 0)
+        return conv(maps_bhqk, halo=start > 0, triton=triton), start + (conv.halo_rows if start > 0 else 0)
 
     def _convs(self) -> list[QKConv]:
         return [conv for conv in (self.pre_qk_conv, self.post_qk_conv) if conv is not None]

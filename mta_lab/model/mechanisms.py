@@ -44,10 +44,18 @@ class QKConv(nn.Module):
         """Query rows above an output row that it reads: c_q - 1."""
         return self.config.query_kernel - 1
 
-    def forward(self, maps_bhqk: torch.Tensor, halo: bool = False) -> torch.Tensor:
+    def forward(self, maps_bhqk: torch.Tensor, halo: bool = False, triton: bool = False) -> torch.Tensor:
         """The convolved map; with ``halo`` the first c_q - 1 rows are context only (the rows above a
-        block of queries) and the output is that much shorter, else zero rows are padded on top."""
+        block of queries) and the output is that much shorter, else zero rows are padded on top.
+
+        ``triton`` uses the tensor-core kernel of mta_lab.kernels.score_conv, which also zeroes the
+        output's future (the caller's mask), for maps whose last row is the query of the last column."""
         left = self.config.left_pad
+        if triton:
+            from mta_lab.kernels.score_conv import score_conv
+
+            rows = maps_bhqk.shape[2] - (self.halo_rows if halo else 0)
+            return score_conv(maps_bhqk, self.weight, left, 0 if halo else self.halo_rows, rows)
         # F.pad order: (key left, key right, query top, query bottom).
         padding = (left, self.config.key_kernel - 1 - left, 0 if halo else self.halo_rows, 0)
         padded_bhqk = F.pad(maps_bhqk, padding)

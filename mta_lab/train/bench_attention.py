@@ -1,6 +1,7 @@
 """``mta-lab bench attention``: one attention layer's core (after the q, k, v projections) timed as
 plain SDPA, the reference MTA path (eager and compiled, full score map), the same path in blocks of
-query rows (tiled) and the fused kernel, in one process.
+query rows (tiled: convolutions by F.conv2d, or by the Triton score-map kernel in ``tiled-triton``)
+and the fused kernel, in one process.
 
 Times are medians over repeats, taken with CUDA events on a GPU (wall clock on CPU); "extra memory"
 is the peak allocated during one forward+backward minus what was allocated before it (inputs), from
@@ -59,7 +60,7 @@ LAYERS: dict[str, Callable[[], MTAConfig]] = {
 }
 """MTA layer configurations that can be benchmarked, by name."""
 
-PATHS = ("sdpa", "reference", "reference-compiled", "tiled", "fused")
+PATHS = ("sdpa", "reference", "reference-compiled", "tiled", "tiled-triton", "fused")
 
 
 @dataclass
@@ -135,6 +136,10 @@ def _core(module, path: str, device: torch.device):
         return None, "needs triton"
     if device.type != "cuda" and not band_flash.interpreting():
         return None, "CPU: set TRITON_INTERPRET=1 (slow)"
+    if path == "tiled-triton":
+        return functools.partial(
+            module._score_map_attention, tile_rows=module.tile_rows, triton_convs=True
+        ), ""
     return module._fused_attention, ""
 
 
