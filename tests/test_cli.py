@@ -53,6 +53,8 @@ def test_check_trains_the_tiny_preset(capsys):
         ["info", "tiny", "model.attention_kernel=fast"],
         ["bench", "attention", "no-such-layer"],
         ["bench", "attention", "--paths", "sdpa,flash"],
+        ["bench", "kernels", "no-such-kernel"],
+        ["bench", "kernels", "--conv", "6x10"],
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, capsys):
@@ -88,6 +90,26 @@ def test_bench_attention_times_every_path(capsys):
     rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()[2:6]}
     assert set(rows) == {"sdpa", "reference", "tiled-triton", "fused"}
     assert all(float(row[3]) > 0 for row in rows.values())  # forward+backward ms
+
+
+@pytest.mark.kernel
+def test_bench_kernels_checks_each_kernel_against_its_definition(monkeypatch, capsys):
+    """A table per kernel with its error; a kernel 10% off is flagged and the exit code says so."""
+    pytest.importorskip("triton")
+    from mta_lab.kernels import score_conv
+
+    convolve = score_conv._convolve
+    monkeypatch.setattr(score_conv, "_convolve", lambda *args: convolve(*args) * 1.1)
+    argv = ["bench", "kernels", "--conv", "3x5", "--seq-len", "20", "--heads", "1", "--head-dim", "8"]
+    assert main([*argv, "--repeats", "1"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("(default)") == 3
+    assert "fastest correct: block=" in out and "fastest correct: block_rows=" in out  # band, diagonals
+    assert "no setting of score-conv matched its definition" in out
+    wrong = [line for line in out.splitlines() if "WRONG" in line]
+    assert len(wrong) == 1
+    words = wrong[0].split()
+    assert words[0].startswith("block_rows=") and float(words[words.index("WRONG") - 1]) > 0.05  # ~0.1
 
 
 def test_bench_attention_measures_memory_on_cpu_too():

@@ -24,7 +24,7 @@ from mta_lab.config import (
     MTAConfig,
     QKConvConfig,
 )
-from mta_lab.kernels import band_flash, score_conv
+from mta_lab.kernels import band_flash, diagonals, score_conv
 from mta_lab.kernels.band_flash import band_attention, band_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,9 +73,13 @@ def test_moved_stages_equal_the_float64_reference_exactly(name, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("t", "dqk", "dv", "width"), [(45, 40, 24, 5), (16, 8, 8, 1), (50, 24, 40, 20)])
-def test_band_kernel_matches_its_definition(t, dqk, dv, width, dtype):
-    """Lengths and widths that are not multiples of the blocks, gradients of all inputs and of lse."""
+@pytest.mark.parametrize(
+    ("t", "dqk", "dv", "width", "atomic_dq"),
+    [(45, 40, 24, 5, False), (16, 8, 8, 1, False), (35, 24, 40, 20, False), (33, 40, 24, 5, True)],
+)
+def test_band_kernel_matches_its_definition(t, dqk, dv, width, atomic_dq, dtype):
+    """Lengths and widths that are not multiples of the blocks, gradients of all inputs and of lse;
+    the backward in two passes and in one (dq by atomics)."""
     generator = torch.Generator().manual_seed(t)
     shapes = [(2, 3, t, dqk), (2, 3, t, dqk), (2, 3, t, dv), (2, 3, t, width)]
     inputs = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
@@ -91,10 +95,42 @@ def test_band_kernel_matches_its_definition(t, dqk, dv, width, dtype):
 
     expected = run(band_attention_reference, inputs)
     low = [x.to(DEVICE, dtype) for x in inputs[:3]] + [inputs[3].to(DEVICE, torch.float32)]
-    actual = run(band_attention, low)
+    actual = run(functools.partial(band_attention, tuning=band_flash.Tuning(atomic_dq=atomic_dq)), low)
     tolerance = {torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
     for name, a, e in zip(["out", "lse", "dq", "dk", "dv", "dband"], actual, expected, strict=True):
         error = (a.double().cpu() - e).abs().max() / e.abs().max()
+        assert error < tolerance, f"{name}: relative error {error:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("t", "d", "width"), [(37, 24, 15), (10, 8, 15)]
+)  # blocks of 16; a band wider than t
+def test_diagonal_kernel_reads_the_score_map_next_to_the_edge(t, d, width, dtype):
+    """r[i, u] = (q k^T)[i, i - u], 0 where i < u, and the gradients of q and k, against the float64
+    score map."""
+    generator = torch.Generator().manual_seed(t)
+    q, k = (torch.randn(2, 3, t, d, generator=generator, dtype=torch.float64) for _ in range(2))
+    d_r = torch.randn(2, 3, t, width, generator=generator, dtype=torch.float64)
+    lag_tu = torch.arange(t)[:, None] - torch.arange(width)[None, :]  # the key of row i, diagonal u
+
+    def from_score_map(q, k):
+        scores_bhqk = q @ k.transpose(-2, -1)
+        picked = scores_bhqk.gather(-1, lag_tu.clamp(min=0).expand(2, 3, t, width))
+        return picked * (lag_tu >= 0)
+
+    def run(function, tensors):
+        leaves = [x.clone().requires_grad_() for x in tensors]
+        r = function(*leaves)
+        (r.double() * d_r.to(r.device)).sum().backward()
+        return [r.double().cpu()] + [x.grad.double().cpu() for x in leaves]
+
+    expected = run(from_score_map, [q, k])
+    actual = run(lambda q, k: diagonals.near_diagonal(q, k, width), [x.to(DEVICE, dtype) for x in (q, k)])
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for name, a, e in zip(["r", "dq", "dk"], actual, expected, strict=True):
+        error = (a - e).abs().max() / e.abs().max()
         assert error < tolerance, f"{name}: relative error {error:.2e}"
 
 

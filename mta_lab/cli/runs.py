@@ -1,4 +1,5 @@
-"""Run commands: ``train`` (and ``--resume``), ``data prepare``, ``bench train`` and ``bench attention``."""
+"""Run commands: ``train`` (and ``--resume``), ``data prepare``, ``bench train``, ``bench attention`` and
+``bench kernels``."""
 
 from __future__ import annotations
 
@@ -86,19 +87,64 @@ def register(commands) -> None:
         default="sdpa,reference,reference-compiled,tiled,tiled-triton,fused",
         help="comma-separated",
     )
-    bench_attention.add_argument("--batch", type=common.positive_int, help="default 8 on GPU, 1 on CPU")
-    bench_attention.add_argument("--heads", type=common.positive_int, help="default 16 on GPU, 4 on CPU")
-    bench_attention.add_argument(
-        "--seq-len", type=common.positive_int, help="default 2048 on GPU, 256 on CPU"
-    )
-    bench_attention.add_argument("--head-dim", type=common.positive_int, default=None, help="default 64 / 32")
-    bench_attention.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU"
-    )
-    bench_attention.add_argument(
-        "--repeats", type=common.positive_int, default=10, help="timed repeats (default 10)"
-    )
+    _shape_arguments(bench_attention, cpu="1, 4, 256, 32")
     bench_attention.set_defaults(run=_bench_attention)
+
+    bench_kernels = bench.add_parser(
+        "kernels",
+        help="each Triton kernel under a grid of launch settings, checked against its definition",
+        description="Time forward and forward+backward of each Triton kernel of the fused and tiled MTA "
+        "paths (band-attention: the fused pre-conv layer's band-FlashAttention call; score-conv: the "
+        "convolution of a full score map; diagonals: the raw scores next to the causal edge) under a grid "
+        "of tiles, warps, pipeline stages and backward variants, each checked against its definition first "
+        "(on the first batch element). Prints a table per kernel, fastest first, and the fastest correct "
+        "setting. Defaults: the issue's shape on a GPU with a 6x11 convolution. On CPU (TRITON_INTERPRET=1) "
+        "the launch settings do not apply: only the defaults run, at a small shape.",
+    )
+    bench_kernels.add_argument(
+        "kernels", nargs="*", default=["band-attention", "score-conv", "diagonals"], metavar="KERNEL"
+    )
+    bench_kernels.add_argument(
+        "--conv", default="6x11", metavar="QxK", help="query x key kernel sizes, odd K (default 6x11)"
+    )
+    _shape_arguments(bench_kernels, cpu="1, 2, 64, 16")
+    bench_kernels.set_defaults(run=_bench_kernels)
+
+
+def _shape_arguments(parser: argparse.ArgumentParser, cpu: str) -> None:
+    """--batch, --heads, --seq-len, --head-dim, --dtype and --repeats; ``cpu`` names the CPU defaults of
+    the first four (the GPU's are the issue's: 8, 16, 2048, 64, bf16)."""
+    batch, heads, seq_len, head_dim = cpu.split(", ")
+    parser.add_argument("--batch", type=common.positive_int, help=f"default 8 on GPU, {batch} on CPU")
+    parser.add_argument("--heads", type=common.positive_int, help=f"default 16 on GPU, {heads} on CPU")
+    parser.add_argument("--seq-len", type=common.positive_int, help=f"default 2048 on GPU, {seq_len} on CPU")
+    parser.add_argument("--head-dim", type=common.positive_int, help=f"default 64 on GPU, {head_dim} on CPU")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--repeats", type=common.positive_int, default=10, help="timed repeats (default 10)")
+    parser.set_defaults(cpu_shape=tuple(int(x) for x in cpu.split(", ")))
+
+
+def _shape(args: argparse.Namespace, gpu: bool):
+    import torch
+
+    from mta_lab.train.bench_attention import Shape
+
+    batch, heads, seq_len, head_dim = (8, 16, 2048, 64) if gpu else args.cpu_shape
+    return Shape(
+        batch=args.batch or batch,
+        heads=args.heads or heads,
+        seq_len=args.seq_len or seq_len,
+        head_dim=args.head_dim or head_dim,
+        dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            args.dtype or ("bf16" if gpu else "fp32")
+        ],
+    )
+
+
+def _device_name(gpu: bool) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -225,9 +271,8 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
-    import torch
 
-    from mta_lab.train.bench_attention import LAYERS, PATHS, Shape, bench_attention
+    from mta_lab.train.bench_attention import LAYERS, PATHS, bench_attention
     from mta_lab.train.device import training_device
 
     unknown = sorted(set(args.layers) - set(LAYERS))
@@ -239,16 +284,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
         raise common.UsageError(f"--paths: unknown {', '.join(unknown)} (allowed: {', '.join(PATHS)})")
     device = training_device()
     gpu = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if gpu else "fp32")
-    ]
-    shape = Shape(
-        batch=args.batch or (8 if gpu else 1),
-        heads=args.heads or (16 if gpu else 4),
-        seq_len=args.seq_len or (2048 if gpu else 256),
-        head_dim=args.head_dim or (64 if gpu else 32),
-        dtype=dtype,
-    )
+    shape = _shape(args, gpu)
     console = common.console()
     with console.status("measuring ...") as status:
         timings = bench_attention(args.layers, paths, shape, args.repeats, device, progress=status.update)
@@ -259,8 +295,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
 
     table = Table(
         "layer", "path", "fwd ms", "fwd+bwd ms", "extra GiB", "fwd+bwd vs SDPA", "memory vs SDPA", "note",
-        title=f"Attention layer, B={shape.batch} H={shape.heads} T={shape.seq_len} d={shape.head_dim} "
-        f"{str(dtype).removeprefix('torch.')}",
+        title=f"Attention layer, {_describe_shape(shape)}",
         title_justify="left",
         box=None,
     )  # fmt: skip
@@ -286,10 +321,78 @@ def _bench_attention(args: argparse.Namespace) -> int:
             t.note,
         )
     console.print(table)
-    name = torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)"
     console.print(
-        f"device: {name}; medians of {args.repeats} repeats after a warm-up"
+        f"device: {_device_name(gpu)}; medians of {args.repeats} repeats after a warm-up"
         + ("" if gpu else "; CPU memory: peak of the tensors ops return (no scratch space)"),
         highlight=False,
     )
     return 0
+
+
+def _describe_shape(shape) -> str:
+    dtype = str(shape.dtype).removeprefix("torch.")
+    return f"B={shape.batch} H={shape.heads} T={shape.seq_len} d={shape.head_dim} {dtype}"
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from mta_lab.kernels import band_flash
+    from mta_lab.train.bench_kernels import KERNELS, ConvShape, bench_kernels
+    from mta_lab.train.device import training_device
+
+    unknown = sorted(set(args.kernels) - set(KERNELS))
+    if unknown:
+        raise common.UsageError(f"KERNEL: unknown {', '.join(unknown)} (allowed: {', '.join(KERNELS)})")
+    sizes = args.conv.split("x")
+    if len(sizes) != 2 or not all(x.isdigit() and int(x) > 0 for x in sizes) or int(sizes[1]) % 2 == 0:
+        raise common.UsageError(f"--conv: {args.conv!r} is not QxK with positive sizes and K odd (e.g. 6x11)")
+    if not band_flash.available():
+        raise common.UsageError("bench kernels needs Triton (it comes with CUDA builds of torch)")
+    device = training_device()
+    gpu = device.type == "cuda"
+    if not gpu and not band_flash.interpreting():
+        raise common.UsageError(
+            "bench kernels needs a GPU, or TRITON_INTERPRET=1 on CPU (slow; only the default settings run)"
+        )
+    shape = _shape(args, gpu)
+    console = common.console()
+    with console.status("measuring ...") as status:
+        timings = bench_kernels(
+            args.kernels, shape, ConvShape(*map(int, sizes)), args.repeats, device, progress=status.update
+        )
+
+    def ms(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    for kernel in args.kernels:
+        rows = sorted(
+            (t for t in timings if t.kernel == kernel),
+            key=lambda t: (not t.correct, t.forward_backward_ms or float("inf")),
+        )
+        table = Table(
+            "setting", "error", "fwd ms", "fwd+bwd ms", "vs default", "note",
+            title=f"{kernel}, {_describe_shape(shape)}, conv {args.conv}", title_justify="left", box=None,
+        )  # fmt: skip
+        default = next(t for t in rows if t.default)
+        for t in rows:
+            ratio = (
+                f"{t.forward_backward_ms / default.forward_backward_ms:.2f}x"
+                if t.forward_backward_ms and default.forward_backward_ms
+                else "-"
+            )
+            error = "-" if t.error is None else f"{t.error:.1e}" + ("" if t.correct else " WRONG")
+            marker = " (default)" if t.default else ""
+            table.add_row(
+                t.setting + marker, error, ms(t.forward_ms), ms(t.forward_backward_ms), ratio, t.note
+            )
+        console.print(table)
+        best = rows[0]
+        if best.correct:
+            console.print(f"fastest correct: {best.setting}", highlight=False)
+        else:
+            console.print(f"[red]no setting of {kernel} matched its definition[/red]")
+    console.print(
+        f"device: {_device_name(gpu)}; medians of {args.repeats} repeats after a warm-up; error: max |error| / "
+        "max |definition| over the output and every input gradient (first batch element)",
+        highlight=False,
+    )
+    return 0 if all(t.correct for t in timings if t.default) else 1

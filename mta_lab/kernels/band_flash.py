@@ -15,15 +15,18 @@ backward recomputes scores tile by tile like FlashAttention-2, and it accepts a 
 the diagonal.
 
 Widths are arbitrary, so dot products run over chunks of ``BLOCK_D`` columns. The forward splits the
-value width over programs (``BLOCK_DV`` columns each, one program for the usual d <= 128). The
-backward computes each (query block, key block) tile of ``ds`` once and adds its products into fp32
-gradient rows that only this program writes, chunk by chunk, so no width multiplies the recompute.
+value width over programs (``BLOCK_DV`` columns each, one program for the usual d <= 128). In the
+backward, one program per key block computes each (query block, key block) tile of ``ds`` and adds its
+products into fp32 gradient rows that only it writes, chunk by chunk, so no width multiplies the
+recompute; dq comes from a second such pass over query blocks or, with ``Tuning.atomic_dq``, by
+atomics from the first.
 Everything accumulates in fp32; fp32 inputs use IEEE dot products (no TF32).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,32 +62,52 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """How the kernels are launched on a GPU (the CPU interpreter uses blocks of 16 and ignores the
+    rest). Defaults measured on an H100 at the pre-softmax 6x11 shape (q, k 384 wide, v 64; B=8, H=16,
+    T=2048, bf16) over blocks 64/128, warps 4/8, stages 1-3: forward 1.66 ms, fwd+bwd 15.0 ms (20.1
+    with Triton's defaults); ``python -m mta_lab.kernels.tune`` measures again."""
+
+    block: int = 64
+    """Query and key rows per tile (128-row query blocks measured no faster)."""
+    forward_warps: int = 4
+    backward_warps: int = 8
+    stages: int = 3
+    atomic_dq: bool = False
+    """One backward pass: the key blocks' programs add dq by fp32 atomics (as FlashAttention-2 does)
+    instead of a second pass over query blocks that recomputes every tile of p and ds. Fewer products,
+    a summation order that varies from run to run; not yet measured on a GPU."""
+
+
 def band_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: torch.Tensor, tuning: Tuning = Tuning()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel (differentiable in all four inputs): returns ``(out, lse)``, lse in fp32."""
-    return _BandAttention.apply(q, k, v, band)
+    return _BandAttention.apply(q, k, v, band, tuning)
 
 
 class _BandAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, band):
-        ctx.widths = q.shape[-1], v.shape[-1]
+    def forward(ctx, q, k, v, band, tuning):
+        ctx.widths, ctx.tuning = (q.shape[-1], v.shape[-1]), tuning
         q, k, v = _padded(q, k, v)
         b, h, t, dqk = q.shape
         dv, w = v.shape[-1], band.shape[-1]
         band = band.float().contiguous()
         out = torch.empty_like(v)
         lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
-        meta = _meta(q, dv)
+        meta = _meta(q, dv, tuning)
         grid = (triton.cdiv(t, meta["BLOCK_Q"]), b * h, triton.cdiv(dv, meta["BLOCK_DV"]))
-        _forward[grid](q, k, v, band, out, lse, t, dqk, dv, w, **meta, **_launch(q, warps=4))
+        launch = _launch(q, tuning.forward_warps, tuning)
+        _forward[grid](q, k, v, band, out, lse, t, dqk, dv, w, **meta, **launch)
         ctx.save_for_backward(q, k, v, band, out, lse)
         return out[..., : ctx.widths[1]].contiguous() if dv != ctx.widths[1] else out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, band, out, lse = ctx.saved_tensors
+        tuning = ctx.tuning
         b, h, t, dqk = q.shape
         dv, w = v.shape[-1], band.shape[-1]
         d_out = F.pad(d_out, (0, dv - d_out.shape[-1])).contiguous()
@@ -93,26 +116,26 @@ class _BandAttention(torch.autograd.Function):
         if d_lse is not None:
             delta = delta - d_lse.float()
         delta = delta.contiguous()
-        # fp32 rows, each written by one program only (summed over that program's tiles).
+        # fp32 rows, each written by one program only (summed over that program's tiles), or by atomics.
         dq, dk, d_v = (torch.zeros(x.shape, device=x.device, dtype=torch.float32) for x in (q, k, v))
         d_band = torch.zeros_like(band)
-        meta = _meta(q, dv)
+        meta = _meta(q, dv, tuning)
+        launch = _launch(q, tuning.backward_warps, tuning)
         _backward_keys[(triton.cdiv(t, meta["BLOCK_K"]), b * h)](
-            q, k, v, band, d_out, lse, delta, dk, d_v, d_band, t, dqk, dv, w, **meta, **_launch(q, warps=8)
-        )
-        _backward_queries[(triton.cdiv(t, meta["BLOCK_Q"]), b * h)](
-            q, k, v, band, d_out, lse, delta, dq, t, dqk, dv, w, **meta, **_launch(q, warps=8)
-        )
+            q, k, v, band, d_out, lse, delta, dk, d_v, d_band, dq, t, dqk, dv, w,
+            ATOMIC_DQ=tuning.atomic_dq, **meta, **launch,
+        )  # fmt: skip
+        if not tuning.atomic_dq:
+            _backward_queries[(triton.cdiv(t, meta["BLOCK_Q"]), b * h)](
+                q, k, v, band, d_out, lse, delta, dq, t, dqk, dv, w, **meta, **launch
+            )
         dqk, dv = ctx.widths
-        return dq[..., :dqk].to(q.dtype), dk[..., :dqk].to(k.dtype), d_v[..., :dv].to(v.dtype), d_band
+        return dq[..., :dqk].to(q.dtype), dk[..., :dqk].to(k.dtype), d_v[..., :dv].to(v.dtype), d_band, None
 
 
-def _launch(q: torch.Tensor, warps: int) -> dict:
-    """Warps and pipeline stages on a GPU. Measured on an H100 at the pre-softmax 6x11 shape (q, k 384
-    wide, v 64; B=8, H=16, T=2048, bf16) over blocks 64/128, warps 4/8, stages 1-3: the forward is
-    fastest with 4 warps and 3 stages (1.66 ms), the backward with 8 warps and 3 stages (15.0 ms
-    fwd+bwd, from 20.1 with the defaults)."""
-    return {"num_warps": warps, "num_stages": 3} if q.device.type == "cuda" else {}
+def _launch(q: torch.Tensor, warps: int, tuning: Tuning) -> dict:
+    """Warps and pipeline stages on a GPU; nothing for the interpreter."""
+    return {"num_warps": warps, "num_stages": tuning.stages} if q.device.type == "cuda" else {}
 
 
 def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
@@ -125,15 +148,15 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Ten
     ]
 
 
-def _meta(q: torch.Tensor, dv: int) -> dict:
-    """Block sizes: 64 on a GPU (128-row query blocks measured no faster); 16 in the CPU interpreter, so
-    that small test shapes cross several blocks and chunks."""
+def _meta(q: torch.Tensor, dv: int, tuning: Tuning) -> dict:
+    """Block sizes: ``tuning.block`` rows on a GPU, 16 in the CPU interpreter so that small test
+    shapes cross several blocks and chunks; widths in chunks of 64 (16)."""
     gpu = q.device.type == "cuda"
-    block = 64 if gpu else 16
+    block = tuning.block if gpu else 16
     return {
         "BLOCK_Q": block,
         "BLOCK_K": block,
-        "BLOCK_D": block,
+        "BLOCK_D": 64 if gpu else 16,
         "BLOCK_DV": min(max(triton.next_power_of_2(dv), 16), 128) if gpu else 16,
         # Triton's CPU interpreter multiplies 16-bit floats wrongly (3.9): there, dot products run in fp32.
         "PRECISION": "ieee" if q.dtype == torch.float32 or not gpu else "tf32",
@@ -249,12 +272,13 @@ if triton is not None:
 
     @triton.jit
     def _backward_keys(
-        Q, K, V, BAND, DO, LSE, DELTA, DK, DVOUT, DBAND, T, DQK, DV, W,
+        Q, K, V, BAND, DO, LSE, DELTA, DK, DVOUT, DBAND, DQ, T, DQK, DV, W, ATOMIC_DQ: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         """One block of keys: dv[j] = sum_i p[i, j] dO[i], dk[j] = sum_i ds[i, j] q[i] off the band, and
-        d band = ds on it (each (row, lag) of the band lies in exactly one key block)."""
+        d band = ds on it (each (row, lag) of the band lies in exactly one key block). With ATOMIC_DQ,
+        also dq[i] += ds[i, j] k[j] by atomics (rows that other key blocks' programs add to as well)."""
         k_block, bh = tl.program_id(0), tl.program_id(1)
         Q += bh * T * DQK
         K += bh * T * DQK
@@ -264,6 +288,7 @@ if triton is not None:
         DO += bh * T * DV
         DK += bh * T * DQK
         DVOUT += bh * T * DV
+        DQ += bh * T * DQK
         LSE += bh * T
         DELTA += bh * T
         cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -283,6 +308,11 @@ if triton is not None:
                 dims = d0 + tl.arange(0, BLOCK_D)
                 q = _tile(Q, rows, dims, T, DQK)
                 _add_tile(DK, cols, dims, T, DQK, _dot(tl.trans(ds.to(q.dtype)), q, PRECISION))
+                if ATOMIC_DQ:
+                    k = _tile(K, cols, dims, T, DQK)
+                    mask = (rows[:, None] < T) & (dims[None, :] < DQK)
+                    pointers = DQ + rows[:, None] * DQK + dims[None, :]
+                    tl.atomic_add(pointers, _dot(ds.to(k.dtype), k, PRECISION), mask=mask)
 
     @triton.jit
     def _backward_queries(

@@ -66,6 +66,10 @@ class ConvTaps:
 BandAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """(q, k, v, band) -> (out, lse): the kernel or its materialised reference."""
 
+Diagonals = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(q, k, width) -> raw scores on the first ``width`` diagonals: :func:`near_diagonal` or the Triton
+one-pass version, ``mta_lab.kernels.diagonals.near_diagonal``."""
+
 
 def band_width(pre_conv: ConvTaps | None, post_conv: ConvTaps | None) -> int:
     """Diagonals the kernel must take from the band: where the moved pre-softmax conv is wrong, and
@@ -88,19 +92,22 @@ def fused_mta_attention(
     post_conv: ConvTaps | None = None,
     post_mix: torch.Tensor | None = None,
     attention: BandAttention,
+    diagonals: Diagonals | None = None,
 ) -> torch.Tensor:
     """Causal MTA attention output [b, h, t, d], equal to the reference score-map path.
 
     k and v have one head per query head (GQA repeated by the caller, as in the reference). Mixing
-    weights are [groups, out, in]; ``attention`` is the band kernel or its materialised reference."""
+    weights are [groups, out, in]; ``attention`` is the band kernel or its materialised reference,
+    ``diagonals`` makes the raw scores near the diagonal (default: :func:`near_diagonal`)."""
+    diagonals = diagonals or near_diagonal
     b, h, t, d = q_bhtd.shape
     width = band_width(pre_conv, post_conv)
     if pre_conv is None:
         queries, keys = q_bhtd * scale, k_bhtd
-        band_bhtu = near_diagonal(q_bhtd, k_bhtd, width) * scale
+        band_bhtu = diagonals(q_bhtd, k_bhtd, width) * scale
     else:
         queries, keys = lagged_queries(q_bhtd, pre_conv.query_kernel) * scale, filtered_keys(k_bhtd, pre_conv)
-        band_bhtu = conv_band(q_bhtd, k_bhtd, pre_conv, width, scale)
+        band_bhtu = conv_band(q_bhtd, k_bhtd, pre_conv, width, scale, diagonals)
     if pre_mix is not None:
         queries, keys, band_bhtu = mix_scores(queries, keys, band_bhtu, pre_mix)
 
@@ -165,14 +172,19 @@ def _wide(x: torch.Tensor) -> torch.dtype:
 
 
 def conv_band(
-    q_bhtd: torch.Tensor, k_bhtd: torch.Tensor, conv: ConvTaps, width: int, scale: float
+    q_bhtd: torch.Tensor,
+    k_bhtd: torch.Tensor,
+    conv: ConvTaps,
+    width: int,
+    scale: float,
+    diagonals: Diagonals | None = None,
 ) -> torch.Tensor:
     """The pre-softmax conv's exact output on diagonals 0..width-1: [b, h, t, width], fp32.
 
     conv(S)[i, i-u] = sum_{a, x} w[a, u-a-x] r[i-a, x]: the term q_{i-a}.k_{i-u+e} is on diagonal
     x = u-a-e of row i-a, and it is in the (zeroed-future) input exactly when x >= 0."""
     span = width + conv.left_pad  # x = u - a - e reaches width - 1 + left_pad
-    raw_bhtx = near_diagonal(q_bhtd, k_bhtd, span) * scale
+    raw_bhtx = (diagonals or near_diagonal)(q_bhtd, k_bhtd, span) * scale
     lagged_bhtax = torch.stack([_delay(raw_bhtx, a, dim=2) for a in range(conv.query_kernel)], dim=3)
     device = q_bhtd.device
     u = torch.arange(width, device=device)[:, None, None]

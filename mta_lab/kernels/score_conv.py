@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,34 +42,54 @@ except ImportError:  # CPU installs without Triton: QKConv uses F.conv2d
     triton = None
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """How the kernels are launched on a GPU (the CPU interpreter uses 32 x 32 tiles, so that small
+    tests still cross tiles, and ignores the rest). Untuned: no device was at hand to measure;
+    ``python -m mta_lab.kernels.tune`` does."""
+
+    block_rows: int = 64
+    block_keys: int = 64
+    """Output columns per tile. Each kernel row's product is (block_keys + tail) deep, so FLOPs per
+    output grow with it (960 at 64 for 6x11, 576 at 32) while longer products use tensor cores better."""
+    warps: int = 4
+    stages: int = 2
+
+
 def score_conv(
-    maps_bhrk: torch.Tensor, weight_hae: torch.Tensor, left_pad: int, top_pad: int, out_rows: int
+    maps_bhrk: torch.Tensor,
+    weight_hae: torch.Tensor,
+    left_pad: int,
+    top_pad: int,
+    out_rows: int,
+    tuning: Tuning = Tuning(),
 ) -> torch.Tensor:
     """Mask_0(Conv(Mask_0(maps))): [b, h, out_rows, K] in the maps' dtype (fp32 accumulation), the
     weight [h, c_q, c_k] rounded to that dtype as ``F.conv2d`` would; differentiable in both."""
-    return _ScoreConv.apply(maps_bhrk, weight_hae, left_pad, top_pad, out_rows)
+    return _ScoreConv.apply(maps_bhrk, weight_hae, left_pad, top_pad, out_rows, tuning)
 
 
 class _ScoreConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, maps, weight, left_pad, top_pad, out_rows):
+    def forward(ctx, maps, weight, left_pad, top_pad, out_rows, tuning):
         maps = maps.contiguous()
         ctx.save_for_backward(maps, weight)
-        ctx.pads = left_pad, top_pad
-        return _convolve(maps, weight, left_pad, top_pad, out_rows)
+        ctx.pads, ctx.tuning = (left_pad, top_pad), tuning
+        return _convolve(maps, weight, left_pad, top_pad, out_rows, tuning)
 
     @staticmethod
     def backward(ctx, d_out):
         maps, weight = ctx.saved_tensors
-        left_pad, top_pad = ctx.pads
+        (left_pad, top_pad), tuning = ctx.pads, ctx.tuning
         _, c_q, c_k = weight.shape
         d_out = d_out.contiguous()
         d_maps = d_weight = None
         if ctx.needs_input_grad[0]:  # the transposed convolution: flipped taps, paddings on the far sides
-            d_maps = _convolve(d_out, weight.flip(1, 2), c_k - 1 - left_pad, c_q - 1 - top_pad, maps.shape[2])
+            flipped = weight.flip(1, 2)
+            d_maps = _convolve(d_out, flipped, c_k - 1 - left_pad, c_q - 1 - top_pad, maps.shape[2], tuning)
         if ctx.needs_input_grad[1]:
-            d_weight = _weight_grad(d_out, maps, c_q, c_k, left_pad, top_pad).to(weight.dtype)
-        return d_maps, d_weight, None, None, None
+            d_weight = _weight_grad(d_out, maps, c_q, c_k, left_pad, top_pad, tuning).to(weight.dtype)
+        return d_maps, d_weight, None, None, None, None
 
 
 def masked_conv2d(
@@ -129,18 +150,17 @@ def passes_check(device: str, dtype: torch.dtype, query_kernel: int, key_kernel:
     return True
 
 
-def _meta(x: torch.Tensor, key_kernel: int) -> dict:
-    """Tiles of 64 x 64 on a GPU (32 x 32 in the CPU interpreter: small tests still cross tiles), and
-    the extra input columns a tile needs on its right (c_k - 1), rounded up to a power of two and to
-    at least 16, the shortest dot product."""
-    block = 64 if x.device.type == "cuda" else 32
-    tail = max(16, triton.next_power_of_2(key_kernel - 1))
+def _meta(x: torch.Tensor, key_kernel: int, tuning: Tuning) -> dict:
+    """Tiles as tuned on a GPU (32 x 32 in the CPU interpreter), and the extra input columns a tile
+    needs on its right (c_k - 1), rounded up to a power of two and to at least 16, the shortest dot
+    product."""
+    gpu = x.device.type == "cuda"
     return {
-        "BLOCK_R": block,
-        "BLOCK_K": block,
-        "TAIL": tail,
+        "BLOCK_R": tuning.block_rows if gpu else 32,
+        "BLOCK_K": tuning.block_keys if gpu else 32,
+        "TAIL": max(16, triton.next_power_of_2(key_kernel - 1)),
         # As in band_flash: IEEE fp32 products for fp32 maps and in the interpreter.
-        "PRECISION": "ieee" if x.dtype == torch.float32 or x.device.type != "cuda" else "tf32",
+        "PRECISION": "ieee" if x.dtype == torch.float32 or not gpu else "tf32",
     }
 
 
@@ -156,39 +176,48 @@ def toeplitz(weight_hae: torch.Tensor, block: int, tail: int) -> torch.Tensor:
 
 
 def _convolve(
-    maps: torch.Tensor, weight_hae: torch.Tensor, left_pad: int, top_pad: int, out_rows: int
+    maps: torch.Tensor, weight_hae: torch.Tensor, left_pad: int, top_pad: int, out_rows: int, tuning: Tuning
 ) -> torch.Tensor:
     b, h, rows, keys = maps.shape
     c_q = weight_hae.shape[1]
-    meta = _meta(maps, weight_hae.shape[2])
+    meta = _meta(maps, weight_hae.shape[2], tuning)
     taps = toeplitz(weight_hae.to(maps.dtype), meta["BLOCK_K"], meta["TAIL"]).contiguous()
     out = torch.empty(b, h, out_rows, keys, device=maps.device, dtype=maps.dtype)
     grid = (triton.cdiv(out_rows, meta["BLOCK_R"]), triton.cdiv(keys, meta["BLOCK_K"]), b * h)
     _forward[grid](
-        maps, taps, out, h, rows, out_rows, keys, top_pad, left_pad, C_Q=c_q, **meta, **_warps(maps)
+        maps, taps, out, h, rows, out_rows, keys, top_pad, left_pad, C_Q=c_q, **meta, **_launch(maps, tuning)
     )
     return out
 
 
 def _weight_grad(
-    d_out: torch.Tensor, maps: torch.Tensor, c_q: int, c_k: int, left_pad: int, top_pad: int
+    d_out: torch.Tensor, maps: torch.Tensor, c_q: int, c_k: int, left_pad: int, top_pad: int, tuning: Tuning
 ) -> torch.Tensor:
     """[h, c_q, c_k] in fp32: each program's sums over its block of rows, then summed here."""
     b, h, rows, keys = maps.shape
     out_rows = d_out.shape[2]
-    meta = _meta(maps, c_k)
+    meta = _meta(maps, c_k, tuning)
     row_blocks = triton.cdiv(out_rows, meta["BLOCK_R"])
     partial = torch.empty(b * h, row_blocks, c_q, c_k, device=maps.device, dtype=torch.float32)
     grid = (row_blocks, c_q, b * h)
     _weight_sums[grid](
-        d_out, maps, partial, rows, out_rows, keys, top_pad, left_pad, C_K=c_k, **meta, **_warps(maps)
+        d_out,
+        maps,
+        partial,
+        rows,
+        out_rows,
+        keys,
+        top_pad,
+        left_pad,
+        C_K=c_k,
+        **meta,
+        **_launch(maps, tuning),
     )
     return partial.view(b, h, row_blocks, c_q, c_k).sum((0, 2))
 
 
-def _warps(x: torch.Tensor) -> dict:
-    """Untuned on a GPU (no device was at hand to measure): 4 warps, 2 stages."""
-    return {"num_warps": 4, "num_stages": 2} if x.device.type == "cuda" else {}
+def _launch(x: torch.Tensor, tuning: Tuning) -> dict:
+    return {"num_warps": tuning.warps, "num_stages": tuning.stages} if x.device.type == "cuda" else {}
 
 
 if triton is not None:

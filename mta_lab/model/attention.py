@@ -161,6 +161,7 @@ class Attention(nn.Module):
         self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor
     ) -> torch.Tensor:
         """The same stages as :meth:`_score_map_attention`, in O(T) memory (mta_lab.kernels.mta)."""
+        from mta_lab.kernels import diagonals
         from mta_lab.kernels.band_flash import band_attention
         from mta_lab.kernels.mta import ConvTaps, fused_mta_attention
 
@@ -181,6 +182,7 @@ class Attention(nn.Module):
             post_conv=taps(self.post_qk_conv),
             post_mix=weight(self.post_head_mix),
             attention=band_attention,
+            diagonals=diagonals.near_diagonal,
         )
 
     def _score_map_attention(
