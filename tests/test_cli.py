@@ -85,7 +85,7 @@ def test_console_script_exit_code():
 def test_bench_attention_times_every_path(capsys):
     """On CPU the Triton kernels run under Triton's interpreter (conftest), so every path has a time."""
     pytest.importorskip("triton")
-    argv = ["bench", "attention", "convs-6x11-mix-c2", "--seq-len", "20", "--heads", "2", "--head-dim", "8"]
+    argv = ["bench", "attention", "pre-conv-6x11", "--seq-len", "20", "--heads", "2", "--head-dim", "8"]
     assert main([*argv, "--repeats", "1", "--paths", "sdpa,reference,tiled-triton,fused"]) == 0
     rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()[2:6]}
     assert set(rows) == {"sdpa", "reference", "tiled-triton", "fused"}

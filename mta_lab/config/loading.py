@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +75,10 @@ def load_config_text(text: str, source: str) -> RunConfig:
 
 
 def _merge(layers: list[_Layer], name: str) -> RunConfig:
-    merged = OmegaConf.structured(RunConfig)
-    for layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer.content)
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"{layer.source}: {_describe_merge_error(error)}") from None
+    try:  # one merge copies the tree once (a sweep loads a config per cell, a dozen layers each)
+        merged = OmegaConf.merge(_defaults(), *(layer.content for layer in layers))
+    except OmegaConfBaseException:
+        merged = _merge_layer_by_layer(layers)  # to name the layer at fault
     try:
         config = OmegaConf.to_object(merged)
     except ConfigFieldError as error:
@@ -90,6 +89,22 @@ def _merge(layers: list[_Layer], name: str) -> RunConfig:
         raise ConfigError(f"{name}: {_describe_merge_error(error)}") from None
     assert isinstance(config, RunConfig)
     return config
+
+
+@functools.cache
+def _defaults() -> DictConfig:
+    """RunConfig's defaults as a typed tree; ``OmegaConf.merge`` copies it, never changes it."""
+    return OmegaConf.structured(RunConfig)
+
+
+def _merge_layer_by_layer(layers: list[_Layer]) -> DictConfig:
+    merged = _defaults()
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer.content)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{layer.source}: {_describe_merge_error(error)}") from None
+    return merged
 
 
 def resolved_yaml(config: RunConfig) -> str:
