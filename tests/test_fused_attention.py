@@ -104,9 +104,8 @@ def test_band_kernel_matches_its_definition(t, dqk, dv, width, atomic_dq, dtype)
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    ("t", "d", "width"), [(37, 24, 15), (10, 8, 15)]
-)  # blocks of 16; a band wider than t
+# Blocks of 16 rows in the interpreter: several of them, and a band wider than the sequence.
+@pytest.mark.parametrize(("t", "d", "width"), [(37, 24, 15), (10, 8, 15)])
 def test_diagonal_kernel_reads_the_score_map_next_to_the_edge(t, d, width, dtype):
     """r[i, u] = (q k^T)[i, i - u], 0 where i < u, and the gradients of q and k, against the float64
     score map."""

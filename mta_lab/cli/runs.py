@@ -335,8 +335,9 @@ def _describe_shape(shape) -> str:
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
+    from mta_lab.config import QKConvConfig
     from mta_lab.kernels import band_flash
-    from mta_lab.train.bench_kernels import KERNELS, ConvShape, bench_kernels
+    from mta_lab.train.bench_kernels import KERNELS, bench_kernels
     from mta_lab.train.device import training_device
 
     unknown = sorted(set(args.kernels) - set(KERNELS))
@@ -357,7 +358,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     console = common.console()
     with console.status("measuring ...") as status:
         timings = bench_kernels(
-            args.kernels, shape, ConvShape(*map(int, sizes)), args.repeats, device, progress=status.update
+            args.kernels, shape, QKConvConfig(*map(int, sizes)), args.repeats, device, progress=status.update
         )
 
     def ms(value):

@@ -103,7 +103,8 @@ class ScoreConvKernel(str, Enum):
     ``F.conv2d``, the definition)."""
 
     auto = "auto"
-    """``triton`` on CUDA when Triton is installed, else ``torch``."""
+    """``triton`` on CUDA with Triton once the kernel has agreed with ``F.conv2d`` on the device (checked
+    once per process; a mismatch logs a warning), else ``torch``."""
     torch = "torch"
     """``F.conv2d`` with one group per head (cuDNN on a GPU)."""
     triton = "triton"

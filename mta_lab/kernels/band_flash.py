@@ -67,7 +67,7 @@ class Tuning:
     """How the kernels are launched on a GPU (the CPU interpreter uses blocks of 16 and ignores the
     rest). Defaults measured on an H100 at the pre-softmax 6x11 shape (q, k 384 wide, v 64; B=8, H=16,
     T=2048, bf16) over blocks 64/128, warps 4/8, stages 1-3: forward 1.66 ms, fwd+bwd 15.0 ms (20.1
-    with Triton's defaults); ``python -m mta_lab.kernels.tune`` measures again."""
+    with Triton's defaults); ``mta-lab bench kernels`` measures again."""
 
     block: int = 64
     """Query and key rows per tile (128-row query blocks measured no faster)."""
@@ -99,7 +99,7 @@ class _BandAttention(torch.autograd.Function):
         lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
         meta = _meta(q, dv, tuning)
         grid = (triton.cdiv(t, meta["BLOCK_Q"]), b * h, triton.cdiv(dv, meta["BLOCK_DV"]))
-        launch = _launch(q, tuning.forward_warps, tuning)
+        launch = _launch(q, tuning.forward_warps, tuning.stages)
         _forward[grid](q, k, v, band, out, lse, t, dqk, dv, w, **meta, **launch)
         ctx.save_for_backward(q, k, v, band, out, lse)
         return out[..., : ctx.widths[1]].contiguous() if dv != ctx.widths[1] else out, lse
@@ -120,7 +120,7 @@ class _BandAttention(torch.autograd.Function):
         dq, dk, d_v = (torch.zeros(x.shape, device=x.device, dtype=torch.float32) for x in (q, k, v))
         d_band = torch.zeros_like(band)
         meta = _meta(q, dv, tuning)
-        launch = _launch(q, tuning.backward_warps, tuning)
+        launch = _launch(q, tuning.backward_warps, tuning.stages)
         _backward_keys[(triton.cdiv(t, meta["BLOCK_K"]), b * h)](
             q, k, v, band, d_out, lse, delta, dk, d_v, d_band, dq, t, dqk, dv, w,
             ATOMIC_DQ=tuning.atomic_dq, **meta, **launch,
@@ -133,9 +133,9 @@ class _BandAttention(torch.autograd.Function):
         return dq[..., :dqk].to(q.dtype), dk[..., :dqk].to(k.dtype), d_v[..., :dv].to(v.dtype), d_band, None
 
 
-def _launch(q: torch.Tensor, warps: int, tuning: Tuning) -> dict:
+def _launch(q: torch.Tensor, warps: int, stages: int) -> dict:
     """Warps and pipeline stages on a GPU; nothing for the interpreter."""
-    return {"num_warps": warps, "num_stages": tuning.stages} if q.device.type == "cuda" else {}
+    return {"num_warps": warps, "num_stages": stages} if q.device.type == "cuda" else {}
 
 
 def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ except ImportError:  # CPU installs without Triton: mta.near_diagonal is the tor
 @dataclass(frozen=True)
 class Tuning:
     """How the kernels are launched on a GPU (the CPU interpreter uses blocks of 16 rows, so that small
-    tests cross blocks). Untuned: ``python -m mta_lab.kernels.tune`` measures."""
+    tests cross blocks). Untuned: ``mta-lab bench kernels`` measures."""
 
     block_rows: int = 64
     warps: int = 4

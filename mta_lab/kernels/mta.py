@@ -177,14 +177,14 @@ def conv_band(
     conv: ConvTaps,
     width: int,
     scale: float,
-    diagonals: Diagonals | None = None,
+    diagonals: Diagonals,
 ) -> torch.Tensor:
     """The pre-softmax conv's exact output on diagonals 0..width-1: [b, h, t, width], fp32.
 
     conv(S)[i, i-u] = sum_{a, x} w[a, u-a-x] r[i-a, x]: the term q_{i-a}.k_{i-u+e} is on diagonal
     x = u-a-e of row i-a, and it is in the (zeroed-future) input exactly when x >= 0."""
     span = width + conv.left_pad  # x = u - a - e reaches width - 1 + left_pad
-    raw_bhtx = (diagonals or near_diagonal)(q_bhtd, k_bhtd, span) * scale
+    raw_bhtx = diagonals(q_bhtd, k_bhtd, span) * scale
     lagged_bhtax = torch.stack([_delay(raw_bhtx, a, dim=2) for a in range(conv.query_kernel)], dim=3)
     device = q_bhtd.device
     u = torch.arange(width, device=device)[:, None, None]

@@ -46,7 +46,7 @@ except ImportError:  # CPU installs without Triton: QKConv uses F.conv2d
 class Tuning:
     """How the kernels are launched on a GPU (the CPU interpreter uses 32 x 32 tiles, so that small
     tests still cross tiles, and ignores the rest). Untuned: no device was at hand to measure;
-    ``python -m mta_lab.kernels.tune`` does."""
+    ``mta-lab bench kernels`` does."""
 
     block_rows: int = 64
     block_keys: int = 64

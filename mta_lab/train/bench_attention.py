@@ -175,8 +175,8 @@ def _measure(layer: str, path: str, run, shape: Shape, repeats: int, device: tor
         return Timing(
             layer,
             path,
-            _median_ms(forward, repeats, device),
-            _median_ms(forward_backward, repeats, device),
+            median_ms(forward, repeats, device),
+            median_ms(forward_backward, repeats, device),
             extra,
         )
     except torch.OutOfMemoryError:
@@ -185,7 +185,8 @@ def _measure(layer: str, path: str, run, shape: Shape, repeats: int, device: tor
         q.grad = k.grad = v.grad = None
 
 
-def _median_ms(work, repeats: int, device: torch.device) -> float:
+def median_ms(work, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of ``work`` over ``repeats`` calls: CUDA events on a GPU, wall clock else."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":

@@ -24,7 +24,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from mta_lab.train.bench_attention import Shape, _median_ms
+from mta_lab.config import QKConvConfig
+from mta_lab.train.bench_attention import Shape, median_ms
 
 KERNELS = ("band-attention", "score-conv", "diagonals")
 TOLERANCE = 2e-2
@@ -46,25 +47,10 @@ class KernelTiming:
         return self.error is not None and self.error < TOLERANCE
 
 
-@dataclass(frozen=True)
-class ConvShape:
-    query_kernel: int = 6
-    key_kernel: int = 11
-
-    @property
-    def left_pad(self) -> int:
-        return (self.key_kernel - 1) // 2  # "both" padding
-
-    @property
-    def band(self) -> int:
-        """Diagonals the fused pre-conv layer takes from its band (mta.band_width)."""
-        return self.query_kernel - 1 + self.key_kernel - 1 - self.left_pad
-
-
 def bench_kernels(
     kernels: list[str],
     shape: Shape,
-    conv: ConvShape,
+    conv: QKConvConfig,
     repeats: int,
     device: torch.device,
     progress: Callable[[str], None] | None = None,
@@ -89,7 +75,16 @@ class _Workload:
     default: object  # the kernel's default Tuning
 
 
-def _band_attention(shape: Shape, conv: ConvShape, device: torch.device) -> _Workload:
+def _band(conv: QKConvConfig) -> int:
+    """Diagonals the fused layer with this pre-softmax convolution takes from its band."""
+    from mta_lab.kernels import mta
+
+    return mta.band_width(
+        mta.ConvTaps(torch.empty(1, conv.query_kernel, conv.key_kernel), conv.left_pad), None
+    )
+
+
+def _band_attention(shape: Shape, conv: QKConvConfig, device: torch.device) -> _Workload:
     from mta_lab.kernels import band_flash
 
     b, h, t, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
@@ -99,7 +94,12 @@ def _band_attention(shape: Shape, conv: ConvShape, device: torch.device) -> _Wor
         return torch.randn(size, device=device, generator=generator, dtype=torch.float32).to(dtype)
 
     width = conv.query_kernel * d
-    inputs = [random(b, h, t, width), random(b, h, t, width), random(b, h, t, d), random(b, h, t, conv.band)]
+    inputs = [
+        random(b, h, t, width),
+        random(b, h, t, width),
+        random(b, h, t, d),
+        random(b, h, t, _band(conv)),
+    ]
     inputs[0] = inputs[0] * width**-0.5  # scores of unit scale, as attention's are
     return _Workload(
         inputs,
@@ -109,7 +109,7 @@ def _band_attention(shape: Shape, conv: ConvShape, device: torch.device) -> _Wor
     )
 
 
-def _score_conv(shape: Shape, conv: ConvShape, device: torch.device) -> _Workload:
+def _score_conv(shape: Shape, conv: QKConvConfig, device: torch.device) -> _Workload:
     from mta_lab.kernels import score_conv
 
     b, h, t = shape.batch, shape.heads, shape.seq_len
@@ -127,13 +127,13 @@ def _score_conv(shape: Shape, conv: ConvShape, device: torch.device) -> _Workloa
     )
 
 
-def _diagonals(shape: Shape, conv: ConvShape, device: torch.device) -> _Workload:
+def _diagonals(shape: Shape, conv: QKConvConfig, device: torch.device) -> _Workload:
     from mta_lab.kernels import diagonals, mta
 
     b, h, t, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
     generator = torch.Generator(device=device).manual_seed(0)
     q, k = (torch.randn(b, h, t, d, device=device, generator=generator).to(shape.dtype) for _ in range(2))
-    width = conv.band + conv.left_pad  # what conv_band asks for
+    width = _band(conv) + conv.left_pad  # what conv_band asks for
     return _Workload(
         [q, k],
         lambda tuning, q, k: diagonals.near_diagonal(q, k, width, tuning=tuning),
@@ -142,7 +142,7 @@ def _diagonals(shape: Shape, conv: ConvShape, device: torch.device) -> _Workload
     )
 
 
-_WORKLOADS: dict[str, Callable[[Shape, ConvShape, torch.device], _Workload]] = {
+_WORKLOADS: dict[str, Callable[[Shape, QKConvConfig, torch.device], _Workload]] = {
     "band-attention": _band_attention,
     "score-conv": _score_conv,
     "diagonals": _diagonals,
@@ -203,8 +203,8 @@ def _measure(
             setting,
             default,
             error,
-            _median_ms(forward, repeats, device),
-            _median_ms(forward_backward, repeats, device),
+            median_ms(forward, repeats, device),
+            median_ms(forward_backward, repeats, device),
         )
     except Exception as failure:  # a setting the compiler or the device rejects (shared memory, registers)
         return KernelTiming(
