@@ -135,3 +135,31 @@ def test_failed_runs_are_left_out():
         pl.when(pl.col("val/loss") == 99.0).then(pl.lit("FAILED")).otherwise(pl.col("status")).alias("status")
     )
     assert row(compare(table, "val/loss", Goal.minimize), "v")["n"] == 2
+
+
+def test_pairs_are_formed_by_seed_not_by_rank_or_row_order():
+    # By seed the differences are 2.1, -0.9, -0.9: mean 0.1, sd sqrt(3). Paired by rank (both sorted) or
+    # by row order they would be 0.1 on every seed, a "difference" with no spread at all.
+    values = {"baseline": {0: 1.0, 1: 2.0, 2: 3.0}, "v": {2: 2.1, 0: 3.1, 1: 1.1}}
+    v = row(compare(frame(values), "val/loss", Goal.minimize), "v")
+    assert v["delta"] == pytest.approx(0.1) and v["effect_dz"] == pytest.approx(0.1 / math.sqrt(3))
+    assert v["verdict"] == "no detectable difference with 3 seeds"
+
+
+def test_a_sweep_of_aa_variants_rarely_finds_a_difference():
+    """The false-positive rate of a whole sweep stays at alpha: each A/A variant is the baseline's
+    procedure again (the same seed effects, fresh noise), and Holm's correction across the sweep's four
+    variants holds the chance of any "better" or "worse" to 5% (here 15 of 200 sweeps; with the p-values
+    uncorrected, 34)."""
+    rng = np.random.default_rng(0)
+    sweeps, flagged = 200, 0
+    for _ in range(sweeps):
+        seed_effect = rng.normal(0, 1.0, 3)
+        values = {
+            name: {s: 3.0 + seed_effect[s] + rng.normal(0, 0.1) for s in range(3)}
+            for name in ("baseline", "a", "b", "c", "d")
+        }
+        verdicts = compare(frame(values), "val/loss", Goal.minimize)["verdict"]
+        flagged += any(v.startswith(("better", "worse")) for v in verdicts)
+    # Binomial(200, 0.05) exceeds 18 with probability 0.6%; Binomial(200, 0.15) stays at 18 or less with 0.8%.
+    assert flagged <= 18

@@ -21,6 +21,9 @@ from optuna.trial import TrialState
 
 from mta_lab.sweep.storage import open_storage
 
+# Each test launches real sweeps (workers, child processes, stores): minutes each on 2 cores.
+pytestmark = pytest.mark.slow
+
 # Runs of a few steps: the child processes' start-up dominates.
 QUICK = """
 base: tiny

@@ -96,7 +96,16 @@ seeds: [0]
         Profile.full,
     )
     # tiny's own values are 6 and 11: the base, then each other value alone.
-    assert [c.label for c in expand(ofat)] == ["base", "query_kernel=2", "key_kernel=3"]
+    assert [c.label for c in expand(ofat)] == [
+        "query_kernel=6 key_kernel=11 (base)",
+        "query_kernel=2 key_kernel=11",
+        "query_kernel=6 key_kernel=3",
+    ]
+    assert [c.axis for c in expand(ofat)] == [
+        "",
+        "model.mta.pre_qk_conv.query_kernel",
+        "model.mta.pre_qk_conv.key_kernel",
+    ]
 
     variants = load_sweep(
         write(
@@ -189,9 +198,9 @@ def test_dry_run_lists_cells_and_starts_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", "kernel_size", "--dry-run", "--profile", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "query_kernel=4 key_kernel=9" in out and "baseline" in out and "15 runs" in out
+    assert "query_kernel=1 key_kernel=9" in out and "baseline" in out and "15 runs" in out
     assert (
         "experiment 'kernel_size', parent run 'kernel_size (cpu)'" in out and "study 'kernel_size-cpu'" in out
     )
-    assert "150 steps x 1,024 tokens" in out and "dry run: nothing was started" in out
+    assert "600 steps x 1,600 tokens" in out and "dry run: nothing was started" in out
     assert list(tmp_path.iterdir()) == []

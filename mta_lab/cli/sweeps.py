@@ -57,7 +57,9 @@ def register(commands) -> None:
 
 def _add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--workers", type=common.positive_int, help="worker processes (default: one per GPU slot, 1 on CPU)"
+        "--workers",
+        type=common.positive_int,
+        help="worker processes (default: one per GPU slot; on CPU one per core, up to 4)",
     )
     parser.add_argument("--gpus", type=_gpu_list, help="GPUs to use, e.g. 0,1,2,3 (default: all)")
     parser.add_argument(

@@ -79,7 +79,10 @@ class ToyBlockConfig:
     output: ToyOutput = ToyOutput.all
     """``all``, ``first`` or ``last``."""
     length: int = 319
-    """Characters of blocks + '#' + query + full block (the official pad_len)."""
+    """Characters of blocks + '#' + query + full block (the official pad_len). The blocks get
+    length - block_len - query_len - 1 characters, filled with whole blocks and cut there (the official
+    arithmetic): unless that room + 1 is a multiple of block_len + 1 (319 for N=5, L=2; 49 fits 7
+    blocks), the last block is cut short, and a target drawn last cannot be answered in full."""
     weight: float = 0.0
     """Share of training rows (0: evaluated only)."""
     eval_examples: int = 1000

@@ -161,7 +161,11 @@ class SweepSpec:
     name: str = ""
     """Sweep name: the Optuna study and the MLflow experiment; defaults to the file name."""
     description: str = ""
-    """What the sweep asks, in a sentence (shown by --dry-run and in reports)."""
+    """What the sweep asks, in a sentence (shown by --dry-run and in reports); a ``cpu`` block that asks
+    a different question states its own."""
+    paper: str = ""
+    """What the paper reports for this question (table, rows, numbers): what the full profile is meant
+    to reproduce. Shown in reports and in the README's table of shipped sweeps."""
     base: str = "small"
     """A preset name or config path every cell starts from."""
     fixed: dict[str, Any] = field(default_factory=dict)

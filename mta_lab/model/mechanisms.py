@@ -59,8 +59,12 @@ class QKConv(nn.Module):
         # F.pad order: (key left, key right, query top, query bottom).
         padding = (left, self.config.key_kernel - 1 - left, 0 if halo else self.halo_rows, 0)
         padded_bhqk = F.pad(maps_bhqk, padding)
+        if not padded_bhqk.is_cuda:
+            # oneDNN's depthwise convolution is 2-3x faster forward+backward in channels-last layout
+            # (2 cores, maps from 32x2x50x50 with 2x9 taps to 8x4x256x256 with 6x11).
+            padded_bhqk = padded_bhqk.contiguous(memory_format=torch.channels_last)
         kernel_h1qk = self.weight.unsqueeze(1).to(maps_bhqk.dtype)
-        return F.conv2d(padded_bhqk, kernel_h1qk, groups=self.weight.shape[0])
+        return F.conv2d(padded_bhqk, kernel_h1qk, groups=self.weight.shape[0]).contiguous()
 
 
 class HeadMix(nn.Module):

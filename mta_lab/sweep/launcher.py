@@ -52,8 +52,14 @@ class Slot:
         return f"GPU {','.join(map(str, self.gpus))}" if self.gpus else f"CPU, {self.threads} threads"
 
 
+CPU_WORKERS = 4
+"""Default workers on a machine without a GPU: one per core, at most this many, so that a large machine
+does not start dozens of training processes against one MLflow store unasked."""
+
+
 def plan_slots(workers: int | None, gpus: list[int] | None, gpus_per_trial: int) -> list[Slot]:
-    """One worker per group of ``gpus_per_trial`` GPUs; on a CPU machine ``workers`` share the cores."""
+    """One worker per group of ``gpus_per_trial`` GPUs; on a CPU machine ``workers`` (by default one
+    per core, up to ``CPU_WORKERS``) share the cores."""
     import torch
 
     cores = os.cpu_count() or 1
@@ -67,7 +73,10 @@ def plan_slots(workers: int | None, gpus: list[int] | None, gpus_per_trial: int)
         groups = [tuple(gpus[i : i + gpus_per_trial]) for i in range(0, len(gpus), gpus_per_trial)]
         groups = groups[:workers] if workers else groups
         return [Slot(group, max(1, cores // len(groups))) for group in groups]
-    count = workers or 1
+    # Single-threaded workers side by side train small models faster than one worker on every core:
+    # on 2 cores, two 1-thread processes trained the toy MTA model at 1.3x the steps per second of one
+    # 2-thread process (and start their child processes in parallel).
+    count = workers or min(cores, CPU_WORKERS)
     return [Slot((), max(1, cores // count)) for _ in range(count)]
 
 

@@ -168,10 +168,10 @@ def expand(sweep: Sweep) -> list[Cell]:
     if spec.axes:
         keys = list(spec.axes)
         axis = ",".join(keys)
-        for assignment in _assignments(sweep):
-            label = (
-                " ".join(f"{_short(keys, key)}={_show(value)}" for key, value in assignment.items()) or "base"
-            )
+        for assignment, shown in _assignments(sweep):
+            label = " ".join(f"{_short(keys, key)}={_show(value)}" for key, value in shown.items())
+            if spec.design == Design.ofat and not assignment:
+                label += " (base)"
             overrides = [f"{key}={_value(value)}" for key, value in assignment.items()]
             groups.append(
                 (label, "variant", axis if spec.design == Design.grid else ",".join(assignment), overrides)
@@ -225,17 +225,22 @@ def check_metric(sweep: Sweep, cells: list[Cell]) -> None:
         )
 
 
-def _assignments(sweep: Sweep) -> list[dict[str, Any]]:
+def _assignments(sweep: Sweep) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each cell's (overridden axis values, every axis's value): the label names all axes, so that a
+    one-factor-at-a-time cell says where the other factors stand."""
     axes = sweep.spec.axes
     if sweep.spec.design == Design.grid:
-        return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
-    base = load_config(sweep.spec.base, [f"{k}={_value(v)}" for k, v in sweep.spec.fixed.items()])
-    assignments = []
-    for key, values in axes.items():
-        current = OmegaConf.select(OmegaConf.structured(base), key)
-        current = current.value if isinstance(current, Enum) else current
-        assignments += [{key: value} for value in values if value != current]
-    return [{}, *assignments] if assignments else [{}]
+        grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+        return [(assignment, assignment) for assignment in grid]
+    base = OmegaConf.structured(
+        load_config(sweep.spec.base, [f"{k}={_value(v)}" for k, v in sweep.spec.fixed.items()])
+    )
+    current = {}
+    for key in axes:
+        value = OmegaConf.select(base, key)
+        current[key] = value.value if isinstance(value, Enum) else value
+    changes = [{key: value} for key, values in axes.items() for value in values if value != current[key]]
+    return [({}, current), *((change, current | change) for change in changes)]
 
 
 def _short(keys: list[str], key: str) -> str:
