@@ -204,3 +204,23 @@ def test_dry_run_lists_cells_and_starts_nothing(tmp_path, capsys, monkeypatch):
     )
     assert "600 steps x 1,600 tokens" in out and "dry run: nothing was started" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_shipped_sweep_records_its_settings_in_a_real_mlflow_store(tmp_path):
+    # The parent run's params are the flattened sweep file; variant names such as "pre c_h=1" hold
+    # characters MLflow refuses in a param name (head_groups could not start before they were replaced).
+    from mlflow.tracking import MlflowClient
+
+    from mta_lab.train.tracking import RunRecord, flat_params
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("sweeps")
+    for name in sweep_names():
+        for profile in (Profile.full, Profile.cpu):
+            params = flat_params(load_sweep(name, profile).spec, prefix="sweep")
+            run = client.create_run(experiment, run_name=f"{name} {profile.value}").info.run_id
+            RunRecord(client, run).log_params(params)
+            assert client.get_run(run).data.params == params
+    assert "sweep.variants.pre c_h_1.model.mta.post_head_mix" in flat_params(
+        load_sweep("head_groups", Profile.full).spec, prefix="sweep"
+    )

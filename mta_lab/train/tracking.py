@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -50,14 +51,21 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Characters MLflow refuses in a param name (it allows word characters, - . space : /).
+NOT_IN_PARAM_NAMES = re.compile(r"[^\w\-. :/]")
+
+
 def flat_params(config: object, prefix: str = "") -> dict[str, str]:
-    """A config dataclass as dotted keys, e.g. ``model.mta.pre_qk_conv.key_kernel``: MLflow params."""
+    """A config dataclass as dotted keys, e.g. ``model.mta.pre_qk_conv.key_kernel``: MLflow params.
+    Keys that come from user-chosen names (a sweep's variants, e.g. ``pre c_h=1``) have the characters
+    MLflow refuses replaced by ``_``."""
     flat: dict[str, str] = {}
 
     def walk(node: object, path: str) -> None:
         if isinstance(node, dict) and node:
             for key, value in node.items():
-                walk(value, f"{path}.{key}" if path else str(key))
+                key = NOT_IN_PARAM_NAMES.sub("_", str(key))
+                walk(value, f"{path}.{key}" if path else key)
         else:
             flat[path] = json.dumps(node) if isinstance(node, list | dict) else str(node)
 
