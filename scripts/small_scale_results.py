@@ -88,9 +88,12 @@ def render(results: dict[str, dict]) -> str:
             "\n".join([BEGIN, "## What the shipped sweeps show at small scale", "", "Not measured yet.", END])
             + "\n"
         )
-    measured = sorted({r["measured"] for r in results.values()})
-    commits = sorted({r["commit"] for r in results.values()})
-    cores = sorted({r["cores"] for r in results.values()})
+    ran = [r for r in results.values() if "error" not in r] or [
+        {"measured": "-", "commit": "-", "cores": "-"}
+    ]
+    measured = sorted({r["measured"] for r in ran})
+    commits = sorted({r["commit"] for r in ran})
+    cores = sorted({r["cores"] for r in ran})
     lines = [
         BEGIN,
         "## What the shipped sweeps show at small scale",
@@ -109,6 +112,8 @@ def render(results: dict[str, dict]) -> str:
         result = results.get(name)
         if result is None:
             lines.append("*CPU profile:* not measured yet.")
+        elif "error" in result:
+            lines.append(f"*CPU profile:* failed when last measured: {result['error']}.")
         else:
             took = _duration(sum(result["seconds"].values()))
             lines += [
@@ -193,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tempfile.mkdtemp(prefix="mta-small-scale-"))
         for index, name in enumerate(names, 1):
             print(f"[{index}/{len(names)}] {name} (in {work / name})", flush=True)
-            results[name] = measure(name, work)
+            try:
+                results[name] = measure(name, work)
+            except RuntimeError as error:  # say so in the README rather than leave the sweep out
+                results[name] = {"sweep": name, "error": str(error).split(": see ")[0]}
+                print(f"    {error}", flush=True)
+                continue
             RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
             print(f"    {_duration(sum(results[name]['seconds'].values()))}", flush=True)
     write_readme(render(results))
