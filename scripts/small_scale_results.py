@@ -64,7 +64,6 @@ def measure(name: str, work: Path) -> dict:
     cells = expand(sweep) if spec.search is None else []
     return {
         "sweep": name,
-        "question": spec.description,
         "base": spec.base,
         "budget": _budget(spec.budget),
         "metric": spec.metric.name,
@@ -107,7 +106,7 @@ def render(results: dict[str, dict]) -> str:
     ]
     # The two CPU profiles built to give answers come first; the rest are smoke-sized runs on text.
     for name in [*ANSWERING, *(name for name in sweep_names() if name not in ANSWERING)]:
-        full = load_sweep(name, Profile.full).spec
+        full, cpu = load_sweep(name, Profile.full).spec, load_sweep(name, Profile.cpu).spec
         lines += ["", f"### `{name}`", ""]
         result = results.get(name)
         if result is None:
@@ -118,7 +117,7 @@ def render(results: dict[str, dict]) -> str:
             took = _duration(sum(result["seconds"].values()))
             lines += [
                 f"*CPU profile* ({result['runs']} runs of `{result['base']}`, {result['budget']}, "
-                f"{result['seeds']} seeds; sweep and report took {took}): {result['question']}",
+                f"{result['seeds']} seeds; sweep and report took {took}): {cpu.description}",
                 "",
                 f"| variant | {result['metric']} ({result['goal']}): mean | Δ vs baseline [95% CI] | Holm p | verdict |",
                 "|---|---|---|---|---|",

@@ -22,7 +22,7 @@ def script():
 
 
 def measured(name: str, rows: list[dict]) -> dict:
-    return {"sweep": name, "question": "Does it help?", "base": "tiny", "budget": "100 steps",
+    return {"sweep": name, "base": "tiny", "budget": "100 steps",
             "metric": "val/loss", "goal": "minimize", "seeds": 3, "runs": 6, "finished": 6,
             "seconds": {"sweep": 100.0, "report": 25.4}, "rows": rows, "measured": "2026-12-02",
             "commit": "abc1234", "cores": 2}  # fmt: skip
@@ -53,9 +53,13 @@ def test_render_states_verdicts_timing_and_the_paper(script, tmp_path, monkeypat
     assert "not measured yet" in section.split("### `kernel_size`")[1].split("### ")[0]
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n\n{script.BEGIN}\nold\n{script.END}\n\n## after\n")
+    readme.write_text(f"# title\n\nbefore\n\n{script.BEGIN}\nOLD-SECTION-TEXT\n{script.END}\n\n## after\n")
     monkeypatch.setattr(script, "README", readme)
     script.write_readme(section)
     text = readme.read_text()
-    assert text.startswith("# title\n\nbefore\n\n") and text.endswith("\n## after\n") and "old" not in text
+    assert (
+        text.startswith("# title\n\nbefore\n\n")
+        and text.endswith("\n## after\n")
+        and "OLD-SECTION-TEXT" not in text
+    )
     assert text.count(script.BEGIN) == 1
