@@ -170,6 +170,32 @@ BAD = {
         "base: tiny\nvariants: {a: {}}\nmetric: {name: val/nope/loss}\n",
         "metric.name: 'val/nope/loss' is not logged",
     ),
+    "a metric no run logs": (
+        "base: tiny\nvariants: {a: {}}\nmetric: {name: val/nonexistent}\n",
+        "metric.name: 'val/nonexistent' is not logged by cell 'baseline' (allowed: ",
+    ),
+    "a text metric on the toy task": (
+        "base: toy-block-cpu-mta\nvariants: {a: {}}\nmetric: {name: val/loss}\n",
+        "'val/loss' is not logged by cell 'baseline' (allowed: sys/peak_memory_mb, toy_block/err_seq",
+    ),
+    "a quote in the name": (
+        "name: it's\nbase: tiny\nvariants: {a: {}}\n",
+        "name: 'it's' cannot name a sweep (allowed: up to 100 letters, digits",
+    ),
+    "a path in the name": ("name: ../x\nbase: tiny\nvariants: {a: {}}\n", "name: '../x' cannot name a sweep"),
+    "an empty file": ("", "the sweep file is empty"),
+    "a huge seed": (
+        "base: tiny\nvariants: {a: {}}\nseeds: [100000000000000000000000]\n",
+        "seeds must be integers in 0..4294967295",
+    ),
+    "an interpolation": (
+        "base: tiny\nvariants: {a: {model.dim: '${oc.env:HOME}'}}\n",
+        "variants.a.model.dim: interpolations (${...}) are not allowed in sweep files",
+    ),
+    "a bad budget in the cpu profile": (
+        "base: tiny\nvariants: {a: {}}\ncpu: {budget: {steps: -5}}\n",
+        "sweep.yaml (cpu profile): budget.steps: -5 is not a budget",
+    ),
     "two budgets": (
         "base: tiny\nvariants: {a: {}}\nbudget: {steps: 5, tokens: 9}\n",
         "budget.steps: give budget.steps or budget.tokens",
@@ -224,3 +250,33 @@ def test_every_shipped_sweep_records_its_settings_in_a_real_mlflow_store(tmp_pat
     assert "sweep.variants.pre c_h_1.model.mta.post_head_mix" in flat_params(
         load_sweep("head_groups", Profile.full).spec, prefix="sweep"
     )
+
+
+@pytest.mark.parametrize(
+    "budget", ["{steps: forty}", "{steps: -5}", "{steps: 20, tokens: 1000}"], ids=["text", "negative", "both"]
+)
+def test_the_full_profile_is_validated_on_a_machine_that_runs_the_cpu_one(tmp_path, capsys, budget):
+    path = write(
+        tmp_path, f"base: tiny\nvariants: {{a: {{}}}}\nbudget: {budget}\ncpu: {{budget: {{steps: 3}}}}\n"
+    )
+    assert main(["sweep", path, "--profile", "cpu", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep.yaml: budget" in err and "(cpu profile)" not in err
+
+
+def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(b"base: tiny\nvariants: {caf\xe9: {}}\n")
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8 text (byte 0xe9 at offset 25)" in err
+
+
+def test_a_kernel_this_machine_cannot_run_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET")  # no GPU, no interpreter: Triton kernels cannot run here
+    path = write(tmp_path, "base: tiny\nvariants: {a: {model.score_conv: triton}}\nbudget: {steps: 3}\n")
+    assert main(["sweep", path, "--profile", "full"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cell 'a · seed 0': model.score_conv=triton needs Triton" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]

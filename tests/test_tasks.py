@@ -150,3 +150,28 @@ def test_metric_names_and_values_per_cell():
     assert metrics["mqar/token_acc/pairs_8/length_128"] == 30 / 32
     toy = ToyBlock(ToyBlockConfig(), CharTokenizer(), 320).metrics({(): Tally(10, 7, 60, 55)})
     assert toy == {"toy_block/err_seq": pytest.approx(0.3), "toy_block/err_tok": pytest.approx(5 / 60)}
+
+
+def test_every_task_logs_exactly_the_metrics_its_config_declares():
+    # What a sweep may name as its metric is checked against the configs' declared names before
+    # anything trains; here the tasks themselves score their held-out sets and say what they log.
+    from mta_lab.config import load_config
+    from mta_lab.data.run_data import load_run_data
+
+    config = load_config(
+        "tiny",
+        [
+            "model.max_seq_len=2048",
+            "tasks.toy_block={length: 49, eval_examples: 3}",
+            "tasks.niah={needles: [2, 4], contexts: [384, 512], eval_samples: 1}",
+            "tasks.babilong={distractors: [0, 256], eval_samples: 1, tasks: [qa1, qa2]}",
+            "tasks.mqar={eval_pairs: [4, 8], eval_lengths: [64], eval_samples: 1}",
+        ],
+    )
+    run_data = load_run_data(config)
+    logged = set()
+    for name, task in run_data.tasks.items():
+        tallies = {example.cell: Tally(1, 1, 1, 1) for example in run_data.eval_examples[name]}
+        logged |= set(task.metrics(tallies))
+    declared = {m for m in config.logged_metrics() if m.split("/")[0] in run_data.tasks}
+    assert logged == declared and "niah/acc/needles_4/depth_50/context_512" in declared

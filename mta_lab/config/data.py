@@ -14,6 +14,20 @@ from mta_lab.config.model import _check
 BUILTIN_CORPORA = ("shakespeare", "stdlib")
 
 
+def cell_metric_names(dims: dict[str, list]) -> list[str]:
+    """What a task scored by cells logs (``mta_lab.tasks.Task.metrics``): ``acc`` and ``token_acc``
+    overall, per value of each dimension when there are several (``acc/depth_50``), and per cell
+    (``acc/needles_4/depth_50``)."""
+    cells = [[]]
+    for key, values in dims.items():
+        cells = [[*cell, f"{key}_{value}"] for cell in cells for value in values]
+    suffixes = [""]
+    if len(dims) > 1:
+        suffixes += [f"/{key}_{value}" for key, values in dims.items() for value in values]
+    suffixes += ["/" + "/".join(cell) for cell in cells if cell]
+    return [f"{metric}{suffix}" for metric in ("acc", "token_acc") for suffix in suffixes]
+
+
 class TokenizerKind(str, Enum):
     byte = "byte"
     """UTF-8 bytes plus BOS/EOS/PAD: 260 ids, no files, one token per byte."""
@@ -104,6 +118,10 @@ class ToyBlockConfig:
         _check(self.weight >= 0, "weight", f"{self.weight} must be >= 0")
         _check(self.eval_examples >= 1, "eval_examples", f"{self.eval_examples} must be >= 1")
 
+    def metric_names(self) -> list[str]:
+        """What the task logs at each evaluation, after ``toy_block/``."""
+        return ["err_seq", "err_tok"]
+
 
 @dataclass
 class NeedleConfig:
@@ -145,6 +163,12 @@ class NeedleConfig:
         _check(1 <= self.digits <= 9, "digits", f"{self.digits} must be in 1..9")
         _check(self.weight >= 0, "weight", f"{self.weight} must be >= 0")
 
+    def metric_names(self) -> list[str]:
+        """What the task logs at each evaluation, after ``niah/``."""
+        return cell_metric_names(
+            {"needles": self.needles, "depth": [int(d) for d in self.depths], "context": self.contexts}
+        )
+
 
 @dataclass
 class BabiLongConfig:
@@ -177,6 +201,10 @@ class BabiLongConfig:
         _check(self.eval_samples >= 1, "eval_samples", f"{self.eval_samples} must be >= 1")
         _check(self.weight >= 0, "weight", f"{self.weight} must be >= 0")
 
+    def metric_names(self) -> list[str]:
+        """What the task logs at each evaluation, after ``babilong/``."""
+        return cell_metric_names({"task": self.tasks, "distractors": self.distractors})
+
 
 @dataclass
 class MQARConfig:
@@ -204,6 +232,10 @@ class MQARConfig:
         _check(bool(self.eval_lengths) and all(n >= 8 for n in self.eval_lengths), "eval_lengths", "use >= 8")
         _check(self.eval_samples >= 1, "eval_samples", f"{self.eval_samples} must be >= 1")
         _check(self.weight >= 0, "weight", f"{self.weight} must be >= 0")
+
+    def metric_names(self) -> list[str]:
+        """What the task logs at each evaluation, after ``mqar/``."""
+        return cell_metric_names({"pairs": self.eval_pairs, "length": self.eval_lengths})
 
 
 @dataclass
@@ -245,6 +277,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.seq_len >= 8, "seq_len", f"{self.seq_len} must be >= 8")
         _check(0 < self.val_fraction < 1, "val_fraction", f"{self.val_fraction} must be in (0, 1)")
+        _check(0 <= self.seed < 2**32, "seed", f"{self.seed} must be in 0..4294967295")
         for name, corpus in self.active_corpora().items():
             _check(
                 corpus.path is not None or name in BUILTIN_CORPORA,

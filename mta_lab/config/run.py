@@ -8,6 +8,11 @@ from mta_lab.config.data import DataConfig, TasksConfig, TokenizerKind
 from mta_lab.config.model import ModelConfig, _check
 from mta_lab.config.train import EvalConfig, TrackingConfig, TrainConfig
 
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s")
+"""Logged every ``train.log_every`` steps, after ``train/``."""
+VAL_METRICS = ("loss", "ppl", "bpb")
+"""Logged at each evaluation for each corpus (``val/<corpus>/loss``) and averaged (``val/loss``)."""
+
 # Token ids each fixed-vocabulary tokenizer needs.
 FIXED_VOCAB = {TokenizerKind.byte: 260, TokenizerKind.char: 32}
 
@@ -82,3 +87,14 @@ class RunConfig:
             "data.corpora",
             "nothing to train on: every corpus and task has weight 0 (give a corpus or a task a weight > 0)",
         )
+
+    def logged_metrics(self) -> list[str]:
+        """Every metric a run of this config logs while it trains (MLflow and a sweep's progress)."""
+        names = [f"train/{name}" for name in TRAIN_METRICS] + ["sys/peak_memory_mb"]
+        corpora = list(self.data.active_corpora())
+        if corpora:
+            names += [f"val/{name}" for name in VAL_METRICS]
+            names += [f"val/{corpus}/{name}" for corpus in corpora for name in VAL_METRICS]
+        for task, config in self.tasks.enabled().items():
+            names += [f"{task}/{name}" for name in config.metric_names()]
+        return names

@@ -192,6 +192,11 @@ class SweepSpec:
     def __post_init__(self) -> None:
         _check(bool(self.seeds), "seeds", "the seed list is empty; give at least one seed, e.g. [0, 1, 2]")
         _check(len(set(self.seeds)) == len(self.seeds), "seeds", f"{self.seeds} has repeated seeds")
+        _check(
+            all(isinstance(s, int) and 0 <= s < 2**32 for s in self.seeds),
+            "seeds",
+            f"{self.seeds}: seeds must be integers in 0..4294967295",
+        )
         empty = [key for key, values in self.axes.items() if not values]
         _check(not empty, "axes", f"{empty} have no values; give each axis a non-empty list")
         for key, values in self.axes.items():

@@ -111,6 +111,7 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value >= 1, name, f"{value} is not allowed; use an integer >= 1")
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", f"{self.grad_clip} must be > 0")
+        _check(0 <= self.seed < 2**32, "seed", f"{self.seed} must be in 0..4294967295")
         _check(
             self.checkpoint_every is None or self.checkpoint_every >= 1,
             "checkpoint_every",

@@ -81,12 +81,23 @@ def plan_slots(workers: int | None, gpus: list[int] | None, gpus_per_trial: int)
 
 
 def prepare(name_or_path: str, profile: Profile) -> tuple[Sweep, list[Cell]]:
-    """The sweep and its cells, every config and data setup validated."""
+    """The sweep and its cells, every config and data setup validated, and every config runnable on
+    this machine. The other profile's cells are validated too (configs and metric, not data)."""
+    import torch
+
+    from mta_lab.model.requirements import unmet_requirements
+
     sweep = load_sweep(name_or_path, profile)
-    cells = expand(sweep) if sweep.spec.search is None else [_probe_cell(sweep)]
+    cells = _cells(sweep)
+    other = load_sweep(name_or_path, Profile.cpu if sweep.profile == Profile.full else Profile.full)
+    check_metric(other, _cells(other))
     check_metric(sweep, cells)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     seen = set()
     for cell in cells:
+        unmet = unmet_requirements(cell.config.model, device)
+        if unmet:
+            raise ConfigError(f"{sweep.where}: cell '{cell.run_name}': {unmet[0]}")
         setup = (
             repr(cell.config.data),
             repr(cell.config.tasks),
@@ -97,6 +108,10 @@ def prepare(name_or_path: str, profile: Profile) -> tuple[Sweep, list[Cell]]:
             seen.add(setup)
             load_run_data(cell.config)  # DataError names the problem; fills the corpus cache
     return sweep, cells
+
+
+def _cells(sweep: Sweep) -> list[Cell]:
+    return expand(sweep) if sweep.spec.search is None else [_probe_cell(sweep)]
 
 
 def _probe_cell(sweep: Sweep) -> Cell:

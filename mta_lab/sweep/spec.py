@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -80,41 +81,100 @@ class Sweep:
     def source(self) -> str:
         return str(self.path)
 
+    @property
+    def where(self) -> str:
+        """The file and, for the cpu profile, which profile: where an error is."""
+        return f"{self.path}{' (cpu profile)' if self.profile == Profile.cpu else ''}"
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+"""A sweep's name becomes an MLflow experiment, an Optuna study, a directory and part of queries."""
+
 
 def load_sweep(name_or_path: str, profile: Profile = Profile.auto) -> Sweep:
-    """The validated sweep of a bundled name or a YAML path, with the profile's changes applied."""
+    """The validated sweep of a bundled name or a YAML path, with the profile's changes applied.
+    Both profiles are validated, whichever is asked for: a mistake in the full profile must not wait
+    for a GPU cluster to be found."""
     path = sweep_path(name_or_path)
     source = (
         str(path)
         if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
         else f"sweeps/{path.name}"
     )
+    raw = _read_sweep_file(path, source)
+    resolved = resolve_profile(profile)
+    specs = {each: _profile_spec(raw, each, source, path) for each in (Profile.full, Profile.cpu)}
+    return Sweep(specs[resolved], path, resolved)
+
+
+def _read_sweep_file(path: Path, source: str) -> DictConfig:
     try:
         raw = OmegaConf.load(path)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start : error.start + 1].hex()
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{byte} at offset {error.start})") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{source}: expected a mapping of sweep keys at the top level")
-    resolved = resolve_profile(profile)
+    if not raw:
+        raise ConfigError(
+            f"{source}: the sweep file is empty; give at least base and axes, variants or a search"
+        )
+    interpolated = _interpolations(OmegaConf.to_container(raw, resolve=False))
+    if interpolated:
+        raise ConfigError(
+            f"{source}: {interpolated}: interpolations (${{...}}) are not allowed in sweep files; write the value"
+        )
+    return raw
+
+
+def _interpolations(node: Any, path: str = "") -> str | None:
+    """The first key whose value is an OmegaConf interpolation (which could pull environment values
+    into run names and params)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _interpolations(value, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found = _interpolations(value, f"{path}[{index}]")
+            if found:
+                return found
+    elif isinstance(node, str) and "${" in node:
+        return path or "(top level)"
+    return None
+
+
+def _profile_spec(raw: DictConfig, profile: Profile, source: str, path: Path) -> SweepSpec:
     raw = _whole_budget(raw)
-    if resolved == Profile.cpu:
+    where = source
+    if profile == Profile.cpu:
         cpu = raw.get("cpu")
         delta = _whole_budget(OmegaConf.create(DEFAULT_CPU) if cpu is None else cpu)
         raw = OmegaConf.merge({k: v for k, v in raw.items() if k != "cpu"}, delta)
+        where = f"{source} (cpu profile)"
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), raw)
         spec = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{source}: {_describe_merge_error(error)}") from None
+        raise ConfigError(f"{where}: {_describe_merge_error(error)}") from None
     except ConfigFieldError as error:
         node = _failing_node(merged)
         key = f"{node}.{error.field}" if node else error.field
-        raise ConfigError(f"{source}: {key}: {error.message}") from None
+        raise ConfigError(f"{where}: {key}: {error.message}") from None
     if not spec.name:
         spec = dataclasses.replace(spec, name=path.stem)
-    return Sweep(spec, path, resolved)
+    if not NAME.fullmatch(spec.name):
+        given = "name" if raw.get("name") else f"name (from the file name {path.name})"
+        raise ConfigError(
+            f"{source}: {given}: '{spec.name}' cannot name a sweep (allowed: up to 100 letters, digits, "
+            "'_', '-' and '.', starting with a letter or digit); set name: in the file"
+        )
+    return spec
 
 
 def _whole_budget(node: DictConfig) -> DictConfig:
@@ -205,24 +265,27 @@ def cell(sweep: Sweep, label: str, seed: int, role: str, axis: str, overrides: l
     try:
         config = load_config(spec.base, everything)
     except ConfigError as error:
-        raise ConfigError(f"{sweep.source}: cell '{label} · seed {seed}': {error}") from None
+        raise ConfigError(f"{sweep.where}: cell '{label} · seed {seed}': {error}") from None
     return Cell(label, seed, role, axis, tuple(everything), config, config_hash(config))
 
 
 def check_metric(sweep: Sweep, cells: list[Cell]) -> None:
-    """The metric must be one the runs log: train/..., val/... or a configured task's."""
+    """Every cell must log the sweep's metric (the baseline too), or the sweep would train for nothing."""
     name = sweep.spec.metric.name
-    tasks = {task for cell in cells for task in cell.config.tasks.enabled()}
-    corpora = {corpus for cell in cells for corpus in cell.config.data.active_corpora()}
-    prefix = name.split("/")[0]
-    known = {"train", "val", *tasks}
-    if prefix not in known or (
-        prefix == "val" and name.count("/") == 2 and name.split("/")[1] not in corpora
-    ):
-        raise ConfigError(
-            f"{sweep.source}: metric.name: '{name}' is not logged by these runs (allowed: val/loss, val/ppl, "
-            f"val/bpb, val/<corpus>/loss|ppl|bpb for {sorted(corpora)}, or a task metric of {sorted(tasks)})"
-        )
+    for cell in cells:
+        logged = cell.config.logged_metrics()
+        if name not in logged:
+            # A task's per-cell metrics (a NIAH run logs dozens) are named by family: niah/acc/...
+            families = {
+                n
+                if n.startswith(("train/", "sys/", "val/")) or n.count("/") < 2
+                else n.rsplit("/", n.count("/") - 1)[0] + "/..."
+                for n in logged
+            }
+            raise ConfigError(
+                f"{sweep.where}: metric.name: '{name}' is not logged by cell '{cell.label}' "
+                f"(allowed: {', '.join(sorted(families))})"
+            )
 
 
 def _assignments(sweep: Sweep) -> list[tuple[dict[str, Any], dict[str, Any]]]:
