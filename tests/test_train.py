@@ -202,3 +202,81 @@ def test_sigterm_marks_the_run_killed(tmp_path):
     process.wait(timeout=120)
     (run,) = runs(uri)
     assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    process = cli(
+        "train", "tiny", *QUICK, "train.steps=40", "--tracking-uri", uri, "--runs-dir", str(tmp_path)
+    )
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    (run,) = runs(uri)
+    assert run.info.status == "KILLED"
+    assert f"mta-lab train --resume {tmp_path / run.info.run_id}" in process.stdout.read()
+    assert cli("train", "--resume", str(tmp_path / run.info.run_id)).wait(timeout=300) == 0
+    assert runs(uri)[0].info.status == "FINISHED"
+
+
+def test_run_names_are_short_and_the_overrides_stay_whole(tmp_path, capsys):
+    from mta_lab.train.run import default_run_name
+
+    assert default_run_name("tiny", ["model.mta.pre_qk_conv.key_kernel=9", "train.steps=5"]) == (
+        "tiny key_kernel=9 steps=5"
+    )
+    many = [f"tasks.toy_block.length={n}" for n in range(40)]
+    name = default_run_name("configs/toy.yaml", many)
+    assert len(name) <= 80 and name.startswith("toy length=0 length=1") and name.endswith("more)")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", "tiny", *QUICK, "--tracking-uri", uri, "--runs-dir", str(tmp_path)]) == 0
+    (run,) = runs(uri)
+    assert run.info.run_name.startswith("tiny steps=12 log_every=4 checkpoint_every=6")
+    assert len(run.info.run_name) <= 80 and run.info.run_name.endswith(" more)")
+    assert run.data.tags["mta.overrides"] == " ".join(QUICK)
+
+
+def test_a_damaged_checkpoint_resumes_from_the_one_before(tmp_path):
+    import torch
+
+    from mta_lab.train.run import AtomicCheckpointIO, readable_checkpoint
+
+    class Record:
+        tags: dict = {}
+
+        def set_tags(self, tags):
+            self.tags |= tags
+
+    last = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 6}, last)
+    io.save_checkpoint({"global_step": 12}, last)
+    assert torch.load(last)["global_step"] == 12
+    assert torch.load(tmp_path / "last.previous.ckpt")["global_step"] == 6
+    last.write_bytes(last.read_bytes()[:50])  # torn by a kill or a full disk
+    record = Record()
+    chosen = readable_checkpoint(last, record)
+    assert chosen == tmp_path / "last.previous.ckpt" and torch.load(chosen)["global_step"] == 6
+    assert record.tags["mta.resumed_from"].startswith(
+        "resumed from last.previous.ckpt: last.ckpt could not be read"
+    )
+    assert (tmp_path / "last.ckpt.damaged").is_file()
+    chosen.write_bytes(b"not a checkpoint")
+    assert readable_checkpoint(last, record) is None
+    assert record.tags["mta.resumed_from"].startswith("started again from step 0")
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_starts_again_and_says_so(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", "tiny", *QUICK, "--tracking-uri", uri, "--runs-dir", str(tmp_path)]) == 0
+    (run,) = runs(uri)
+    checkpoints = tmp_path / run.info.run_id / "checkpoints"
+    for path in checkpoints.glob("*.ckpt"):
+        path.write_bytes(b"\x00" * 64)
+    assert main(["train", "--resume", str(tmp_path / run.info.run_id)]) == 0
+    (again,) = runs(uri)
+    assert (
+        again.info.status == "FINISHED" and "started again from step 0" in again.data.tags["mta.resumed_from"]
+    )

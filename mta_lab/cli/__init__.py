@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from mta_lab.cli import analysis, common, models, runs, sweeps
 from mta_lab.config import ConfigError, preset_names
 from mta_lab.data.errors import DataError
+from mta_lab.secrets import mask
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,11 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, common.UsageError, DataError) as error:
-        print(f"mta-lab: error: {error}", file=sys.stderr)
+        print(f"mta-lab: error: {mask(str(error))}", file=sys.stderr)
         return common.EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("mta-lab: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug or a broken store: the traceback, with any password in it masked
+        print(mask(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

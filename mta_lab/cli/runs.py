@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rich.table import Table
 
 from mta_lab.cli import common
+from mta_lab.secrets import mask
 
 
 def register(commands) -> None:
@@ -148,24 +150,38 @@ def _device_name(gpu: bool) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mta_lab.train.run import default_run_name, resume, train
+    from mta_lab.train.run import RunInterrupted, default_run_name, resume, train
 
-    if args.resume is not None:
-        if args.config or args.overrides:
-            raise common.UsageError(
-                "--resume takes the run's own config; give no preset or overrides with it"
+    try:
+        if args.resume is not None:
+            if args.config or args.overrides:
+                raise common.UsageError(
+                    "--resume takes the run's own config; give no preset or overrides with it"
+                )
+            result = resume(args.resume, tracking_uri=args.tracking_uri)
+        else:
+            if args.config is None:
+                raise common.UsageError(
+                    "give a preset name or YAML file (see `mta-lab presets`), or --resume RUN_DIR"
+                )
+            config = common.load(args)
+            run_name = config.tracking.run_name or default_run_name(args.config, args.overrides)
+            tags = {"mta.overrides": " ".join(args.overrides)[:5000]} if args.overrides else {}
+            result = train(
+                config,
+                args.config,
+                tracking_uri=args.tracking_uri,
+                runs_dir=args.runs_dir,
+                run_name=run_name,
+                tags=tags,
             )
-        result = resume(args.resume, tracking_uri=args.tracking_uri)
-    else:
-        if args.config is None:
-            raise common.UsageError(
-                "give a preset name or YAML file (see `mta-lab presets`), or --resume RUN_DIR"
-            )
-        config = common.load(args)
-        run_name = config.tracking.run_name or default_run_name(args.config, args.overrides)
-        result = train(
-            config, args.config, tracking_uri=args.tracking_uri, runs_dir=args.runs_dir, run_name=run_name
+    except RunInterrupted as stopped:
+        print(
+            f"mta-lab: stopped; run {stopped.run_id} is marked KILLED. Resume it from its last checkpoint with: "
+            f"mta-lab train --resume {stopped.run_dir}",
+            file=sys.stderr,
         )
+        return 130
     _print_result(result)
     return 0
 
@@ -179,9 +195,8 @@ def _print_result(result) -> None:
             table.add_row(key, f"{value:.4g}")
     console.print(table)
     console.print(f"checkpoints: {result.run_dir}   resume: mta-lab train --resume {result.run_dir}")
-    console.print(
-        f"MLflow: {result.tracking_uri}   browse: mlflow ui --backend-store-uri {result.tracking_uri}"
-    )
+    uri = mask(result.tracking_uri)
+    console.print(f"MLflow: {uri}   browse: mlflow ui --backend-store-uri {uri}")
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mta_lab.cli import common
 from mta_lab.config import ConfigError
+from mta_lab.secrets import STORAGE_ENV, mask
 from mta_lab.sweep.spec import Profile, sweep_names
 
 
@@ -78,9 +79,14 @@ def _add_profile_and_stores(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         metavar="URL",
-        help="Optuna storage (default: a journal file under --runs-dir; postgresql://... for many machines)",
+        help=f"Optuna storage (default: ${STORAGE_ENV}, else a journal file under --runs-dir; postgresql://... "
+        "for many machines; a password is safer in the variable, or in ~/.pgpass, than on a command line)",
     )
     common.add_tracking_arguments(parser)
+
+
+def _storage(args: argparse.Namespace) -> str | None:
+    return args.storage or os.environ.get(STORAGE_ENV) or None
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -101,7 +107,7 @@ def _sweep(args: argparse.Namespace) -> int:
         workers=args.workers,
         gpus=args.gpus,
         gpus_per_trial=args.gpus_per_trial,
-        storage=args.storage,
+        storage=_storage(args),
         tracking_uri=args.tracking_uri,
         runs_dir=args.runs_dir,
         dry_run=args.dry_run,
@@ -130,11 +136,13 @@ def _worker(args: argparse.Namespace) -> int:
     from mta_lab.sweep.worker import Context, run_worker
 
     study_name, sweep_dir = _study_name_and_dir(args)
-    storage = args.storage or default_storage(sweep_dir)
+    storage = _storage(args) or default_storage(sweep_dir)
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
-        raise ConfigError(f"no study '{study_name}' at {storage}: start it with `mta-lab sweep`") from None
+        raise ConfigError(
+            f"no study '{study_name}' at {mask(storage)}: start it with `mta-lab sweep`"
+        ) from None
     context = Context.load(study, args.tracking_uri, sweep_dir)
     study.pruner = make_pruner(context.sweep.spec)  # Optuna keeps no pruner with the study
     search = context.sweep.spec.search
@@ -152,7 +160,7 @@ def _status(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.sweep, args.profile)
     sweep_dir = (args.runs_dir / "sweeps" / sweep.study_name).resolve()
-    study = open_study(sweep, args.storage or default_storage(sweep_dir))
+    study = open_study(sweep, _storage(args) or default_storage(sweep_dir))
     cells = expand(sweep) if sweep.spec.search is None else None
     common.console().print(status_table(study, sweep, cells))
     return 0
@@ -163,6 +171,6 @@ def _ui(args: argparse.Namespace) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {mask(uri)} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     return subprocess.call(command)

@@ -20,11 +20,13 @@ PROGRESS_FILE = "progress.jsonl"
 def main(argv: list[str]) -> int:
     from mta_lab.config import load_config
     from mta_lab.data.run_data import load_run_data
+    from mta_lab.secrets import TRACKING_ENV
     from mta_lab.train.run import CONFIG_FILE, RUN_FILE, fit_run
     from mta_lab.train.tracking import JsonlLogger, RunRecord, SilentRecord
 
     run_dir = Path(argv[0])
     info = json.loads((run_dir / RUN_FILE).read_text())
+    info["tracking_uri"] = os.environ.get(TRACKING_ENV) or info["tracking_uri"]  # run.json keeps no password
     try:
         config = load_config(str(run_dir / CONFIG_FILE))
         run_data = load_run_data(config)

@@ -27,6 +27,7 @@ from rich.table import Table
 from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.sweep import Distribution, Goal
 from mta_lab.data.run_data import load_run_data
+from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
 from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_storage
@@ -166,8 +167,8 @@ def print_plan(
         highlight=False,
     )
     console.print(
-        f"MLflow: experiment '{spec.name}', parent run '{spec.name} ({sweep.profile.value})' at {tracking_uri}\n"
-        f"Optuna: study '{sweep.study_name}' at {storage}\n"
+        f"MLflow: experiment '{spec.name}', parent run '{spec.name} ({sweep.profile.value})' at {mask(tracking_uri)}\n"
+        f"Optuna: study '{sweep.study_name}' at {mask(storage)}\n"
         f"workers: {len(slots)} ({'; '.join(s.describe() for s in slots)})",
         highlight=False,
     )
@@ -199,20 +200,32 @@ def launch(
     uri = resolve_tracking_uri(tracking_uri)
     if len(slots) > 2 and storage.startswith("sqlite"):
         raise ConfigError(
-            f"--storage {storage}: SQLite is for one or two workers; use journal:PATH or postgresql://"
+            f"--storage {mask(storage)}: SQLite is for one or two workers; use journal:PATH or postgresql://"
         )
     print_plan(sweep, cells, slots, storage, uri, console)
     if dry_run:
         console.print("dry run: nothing was started")
         return 0
 
+    study = open_study(sweep, storage, create=True)  # a bad storage stops here, before any MLflow run
     client = client_for(uri)
     experiment = experiment_id(client, sweep.spec.name)
     parent = parent_run(client, experiment, sweep, flat_params(sweep.spec, prefix="sweep"))
     with stop_once():  # Ctrl-C (the workers get it too) or SIGTERM: stop once, record it once
         try:
             return _start(
-                sweep, cells, slots, storage, uri, runs_dir, sweep_dir, client, experiment, parent, console
+                sweep,
+                study,
+                cells,
+                slots,
+                storage,
+                uri,
+                runs_dir,
+                sweep_dir,
+                client,
+                experiment,
+                parent,
+                console,
             )
         except BaseException as error:  # before or after the workers ran: never leave the parent RUNNING
             client.set_terminated(parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
@@ -220,15 +233,14 @@ def launch(
 
 
 def _start(
-    sweep, cells, slots, storage, uri, runs_dir, sweep_dir, client, experiment, parent, console
+    sweep, study, cells, slots, storage, uri, runs_dir, sweep_dir, client, experiment, parent, console
 ) -> int:
     """Register the sweep in its study, enqueue the cells, run the workers and end the parent run."""
-    study = open_study(sweep, storage, create=True)
     attrs = {
         "spec": OmegaConf.to_container(OmegaConf.structured(sweep.spec), enum_to_str=True),
         "profile": sweep.profile.value,
         "source": sweep.source,
-        "tracking_uri": uri,
+        "tracking_uri": mask(uri),  # workers elsewhere are given the store; the study never holds secrets
         "experiment_id": experiment,
         "parent_run_id": parent,
     }
@@ -253,7 +265,7 @@ def _start(
         code = 1  # some cells failed: the parent run and the table say which, and why
     console.print(status_table(study, sweep, cells if sweep.spec.search is None else None))
     console.print(
-        f"parent run {parent}: {status}; browse with: mta-lab ui --tracking-uri {uri}", highlight=False
+        f"parent run {parent}: {status}; browse with: mta-lab ui --tracking-uri {mask(uri)}", highlight=False
     )
     return code
 
@@ -274,7 +286,7 @@ def open_study(sweep: Sweep, storage: str, create: bool = False) -> optuna.Study
         return optuna.load_study(study_name=sweep.study_name, storage=backend, sampler=sampler)
     except KeyError:
         raise ConfigError(
-            f"no study '{sweep.study_name}' at {storage}: run `mta-lab sweep {sweep.spec.name}` first"
+            f"no study '{sweep.study_name}' at {mask(storage)}: run `mta-lab sweep {sweep.spec.name}` first"
         ) from None
 
 
@@ -310,17 +322,13 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
             sweep.spec.name,
             "--profile",
             sweep.profile.value,
-            "--storage",
-            storage,
-            "--tracking-uri",
-            uri,
             "--runs-dir",
             str(runs_dir),
         ]
+        # The stores travel in the environment: a command line is visible to every user (ps).
+        env = {**os.environ, **slot.env(), STORAGE_ENV: storage, TRACKING_ENV: uri}
         log = (logs / f"worker-{index}.log").open("a")
-        processes.append(
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **slot.env()})
-        )
+        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
     total = _total(study, sweep)
     reported: set[int] = set()
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -17,6 +18,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from mta_lab.config import ConfigError
 from mta_lab.config.sweep import PrunerKind, SweepSpec
+from mta_lab.secrets import mask
 
 HEARTBEAT_S = 30
 GRACE_S = 120  # > 3 heartbeats: a long evaluation must not get a live trial failed
@@ -37,19 +39,38 @@ def open_storage(url: str) -> BaseStorage:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     if url.startswith(("postgresql", "mysql")):
+        given = url
         if url.startswith("postgresql://"):  # psycopg 3 is the driver mta-lab installs
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
-            )
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+                    if url.startswith("postgresql")
+                    else {"pool_pre_ping": True},
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
+                )
+        except Exception as error:  # SQLAlchemy's and the driver's errors: one line, not 30
+            raise ConfigError(f"--storage {mask(given)}: {_connection_problem(given, error)}") from None
     raise ConfigError(
         f"--storage {url}: unsupported (allowed: journal:PATH, sqlite:///PATH, postgresql://..., mysql://...)"
+    )
+
+
+def _connection_problem(url: str, error: Exception) -> str:
+    """Where the database is and what went wrong, from the driver's own first line."""
+    parts = urlsplit(url)
+    port = parts.port or (5432 if url.startswith("postgresql") else 3306)
+    where = f"{parts.hostname or 'localhost'}:{port}/{parts.path.lstrip('/')}"
+    cause = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    detail = next((line for line in lines if "FATAL" in line or "refused" in line or "timeout" in line), None)
+    return (
+        f"cannot open the database {where}: {mask(detail or (lines[0] if lines else type(cause).__name__))}"
     )
 
 

@@ -24,9 +24,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from mta_lab.config import resolved_yaml
+from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.loading import load_config_text
 from mta_lab.config.sweep import Distribution, SweepSpec
+from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.sweep.child import PROGRESS_FILE
 from mta_lab.sweep.spec import Cell, Profile, Sweep, search_cell
 from mta_lab.sweep.tracking import client_for, create_child, find_child
@@ -58,10 +59,16 @@ class Context:
         attrs = study.user_attrs
         spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), attrs["spec"]))
         sweep = Sweep(spec, Path(attrs["source"]), Profile(attrs["profile"]))
+        uri = tracking_uri or os.environ.get(TRACKING_ENV) or attrs["tracking_uri"]
+        if is_masked(uri):
+            raise ConfigError(
+                f"study '{study.study_name}' records its MLflow store as {uri} (the password is not kept): "
+                f"give --tracking-uri or {TRACKING_ENV}"
+            )
         return cls(
             study,
             sweep,
-            tracking_uri or attrs["tracking_uri"],
+            uri,
             attrs["experiment_id"],
             attrs["parent_run_id"],
             sweep_dir,
@@ -88,7 +95,7 @@ def objective(trial: Trial, context: Context) -> float:
     try:
         return train_cell(trial, cell, context)
     except CellFailed as error:
-        trial.set_user_attr("error", str(error)[:2000])  # what `status` and the launcher show
+        trial.set_user_attr("error", mask(str(error))[:2000])  # what `status` and the launcher show
         raise
 
 
@@ -111,7 +118,7 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
         (run_dir / CONFIG_FILE).write_text(resolved_yaml(cell.config))
         info = {
             "run_id": run_id,
-            "tracking_uri": context.tracking_uri,
+            "tracking_uri": mask(context.tracking_uri),  # the child gets the real one in its environment
             "source": f"{context.sweep.source} · {cell.run_name}",
         }
         (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -126,10 +133,11 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
             [sys.executable, "-m", "mta_lab.sweep.child", str(run_dir)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, TRACKING_ENV: context.tracking_uri},
             preexec_fn=_die_with_parent,
         )
         try:
-            final = _follow(trial, child, progress, metric)
+            _follow(trial, child, progress, metric)
         except optuna.TrialPruned:
             client.set_tag(run_id, "mta.pruned", f"at step {trial.user_attrs.get('pruned_at')}")
             raise
@@ -141,15 +149,18 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
             _stop(child)
     code = child.returncode
     if code == 0:
-        if metric not in final:
-            logged = ", ".join(sorted(final)) or "no evaluation"
-            raise CellFailed(f"the run finished without logging '{metric}' (logged: {logged})")
-        return final[metric]
+        # The run's own record decides: the progress file only mirrors it (and can be damaged).
+        logged = client.get_run(run_id).data.metrics
+        if metric not in logged:
+            raise CellFailed(
+                f"the run finished without logging '{metric}' (logged: {', '.join(sorted(logged))})"
+            )
+        return logged[metric]
     raise CellFailed(_failure_reason(client, run_id, run_dir, code))
 
 
-def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) -> dict[str, float]:
-    """Report the child's evaluations to the trial, prune if told to, and return its last metrics.
+def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) -> None:
+    """Report the child's evaluations to the trial and prune if told to, until the child exits.
 
     The whole file is read, also what an earlier attempt of the cell wrote: a resumed child may have
     nothing left to train (Optuna ignores a second report for a step)."""
@@ -164,7 +175,11 @@ def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) 
                     if not line.endswith("\n"):
                         break  # a partly written line: read it next time
                     offset += len(line.encode())
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                        record["metrics"], record["step"]  # noqa: B018 (the fields the worker reads)
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a damaged line; the run's metrics are in MLflow, which decides at the end
                     if metric in record["metrics"]:
                         final = record["metrics"]
                         trial.report(final[metric], record["step"])
@@ -176,7 +191,7 @@ def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) 
                                 f"pruned at step {record['step']}: {metric}={final[metric]:.4g}"
                             )
         if not running:
-            return final
+            return
         time.sleep(POLL_S)
 
 

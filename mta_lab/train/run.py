@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -18,15 +19,17 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mta_lab.config import RunConfig, load_config, resolved_yaml
+from mta_lab.config import ConfigError, RunConfig, load_config, resolved_yaml
 from mta_lab.config.train import Precision
 from mta_lab.data.errors import DataError
 from mta_lab.data.mixture import TrainStream, collate
 from mta_lab.data.run_data import RunData, load_run_data
+from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.train.device import training_device
 from mta_lab.train.evaluate import Evaluator
 from mta_lab.train.module import LanguageModel
@@ -39,6 +42,8 @@ from mta_lab.train.tracking import (
     manifest,
     resolve_tracking_uri,
 )
+
+logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -103,14 +108,81 @@ class StepProgress(Callback):
             self.bar.close()
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: to a temporary file, then renamed over the last one,
+    which is kept as ``<name>.previous.ckpt`` until the next save. A kill or a full disk mid-write
+    leaves the last complete checkpoint in place."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        if path.is_file():
+            os.replace(path, previous_checkpoint(path))
+        os.replace(partial, path)
+
+
+def previous_checkpoint(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def readable_checkpoint(last: Path, record: RunRecord) -> Path | None:
+    """The newest checkpoint of a run that loads (``last``, else the one before it); a damaged one
+    is set aside, and the run is told what it resumes from."""
+    problems = []
+    for candidate in (last, previous_checkpoint(last)):
+        if not candidate.is_file():
+            continue
+        try:
+            torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as error:  # a torn or overwritten file: pickle, zip and EOF errors alike
+            problems.append(
+                f"{candidate.name} could not be read ({type(error).__name__}: {str(error)[:200]})"
+            )
+            candidate.rename(candidate.with_name(candidate.name + ".damaged"))
+            continue
+        if problems:
+            note = f"resumed from {candidate.name}: {'; '.join(problems)}"
+            logger.warning("%s", note)
+            record.set_tags({"mta.resumed_from": note})
+        return candidate
+    if problems:
+        note = f"started again from step 0: {'; '.join(problems)}"
+        logger.warning("%s", note)
+        record.set_tags({"mta.resumed_from": note})
+    return None
+
+
 def lightning_precision(precision: Precision, device: torch.device) -> str:
     if precision == Precision.fp32 or (precision == Precision.auto and device.type != "cuda"):
         return "32-true"
     return "bf16-mixed"
 
 
+RUN_NAME_CHARS = 80
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; it is marked KILLED and resumes from its last checkpoint."""
+
+    def __init__(self, run_id: str, run_dir: Path):
+        super().__init__(f"run {run_id} stopped")
+        self.run_id, self.run_dir = run_id, run_dir
+
+
 def default_run_name(source: str, overrides: list[str]) -> str:
-    return " ".join([Path(source).stem if source.endswith((".yaml", ".yml")) else source, *overrides])
+    """The preset or file, then each override by the last part of its key
+    (``model.mta.pre_qk_conv.key_kernel=9`` -> ``key_kernel=9``), within 80 characters; the run's
+    ``mta.overrides`` tag keeps them whole."""
+    name = Path(source).stem if source.endswith((".yaml", ".yml")) else source
+    for index, item in enumerate(overrides):
+        key, _, value = item.partition("=")
+        part = f"{key.rsplit('.', 1)[-1]}={value}"
+        rest = f" (+{len(overrides) - index} more)"
+        if len(name) + 1 + len(part) > RUN_NAME_CHARS - (len(rest) if index < len(overrides) - 1 else 0):
+            return name + rest
+        name += " " + part
+    return name
 
 
 def train(
@@ -124,6 +196,7 @@ def train(
     progress: bool = True,
 ) -> RunResult:
     """Train ``config`` as a new run; ``source`` is the preset or file it came from (for the record)."""
+    _check_runnable(config)
     run_data = load_run_data(config)  # raises DataError before anything is recorded
     uri = resolve_tracking_uri(tracking_uri)
     record_tags = {
@@ -137,6 +210,15 @@ def train(
     return fit_run(config, run_data, record, run_dir, uri, source, resume=False, progress=progress)
 
 
+def _check_runnable(config: RunConfig) -> None:
+    """Kernels this machine cannot run stop the run before anything is recorded."""
+    from mta_lab.model.requirements import unmet_requirements
+
+    unmet = unmet_requirements(config.model, training_device().type)
+    if unmet:
+        raise ConfigError(unmet[0])
+
+
 def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = True) -> RunResult:
     """Continue a run from its last checkpoint, in the same MLflow run."""
     info_path = run_dir / RUN_FILE
@@ -144,8 +226,17 @@ def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = T
         raise DataError(f"{run_dir}: not a run directory (no {RUN_FILE})")
     info = json.loads(info_path.read_text())
     config = load_config(str(run_dir / CONFIG_FILE))
+    _check_runnable(config)
     run_data = load_run_data(config)
-    uri = resolve_tracking_uri(tracking_uri) if tracking_uri else info["tracking_uri"]
+    uri = (
+        resolve_tracking_uri(tracking_uri)
+        if tracking_uri or os.environ.get(TRACKING_ENV)
+        else info["tracking_uri"]
+    )
+    if is_masked(uri):
+        raise DataError(
+            f"{run_dir}: its MLflow store is {uri} (the password is not kept): give --tracking-uri or {TRACKING_ENV}"
+        )
     record = RunRecord.reopen(uri, info["run_id"])
     return fit_run(config, run_data, record, run_dir, uri, info["source"], resume=True, progress=progress)
 
@@ -173,7 +264,7 @@ def fit_run(
             if not resume:
                 _record_start(config, record, run_dir, uri, device, source)
             # A run killed before its first checkpoint starts over, in the same MLflow run.
-            checkpoint = last if resume and last.is_file() else None
+            checkpoint = readable_checkpoint(last, record) if resume else None
 
             total_steps = config.train.total_steps(config.data.seq_len)
             eval_batch = config.eval.batch_size or config.train.batch_size
@@ -194,10 +285,10 @@ def fit_run(
             # Ctrl-C (Lightning exits after its graceful shutdown), SIGTERM: an interruption, not a failure.
             status = "KILLED"
             record.set_tags({"mta.stopped": type(error).__name__})
-            raise
+            raise RunInterrupted(record.run_id, run_dir) from None
         except BaseException as error:
-            record.set_tags({"mta.error": f"{type(error).__name__}: {error}"[:5000]})
-            record.log_text(traceback.format_exc(), "error.txt")
+            record.set_tags({"mta.error": mask(f"{type(error).__name__}: {error}")[:5000]})
+            record.log_text(mask(traceback.format_exc()), "error.txt")
             raise
         finally:
             record.end(status)
@@ -209,7 +300,7 @@ def _record_start(config: RunConfig, record: RunRecord, run_dir: Path, uri: str,
     facts = manifest(config, device, source)
     (run_dir / CONFIG_FILE).write_text(resolved_yaml(config))
     (run_dir / "manifest.json").write_text(json.dumps(facts, indent=2) + "\n")
-    info = {"run_id": record.run_id, "tracking_uri": uri, "source": source}
+    info = {"run_id": record.run_id, "tracking_uri": mask(uri), "source": source}
     (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     record.log_params(flat_params(config))
     git_tags = {"mlflow.source.git.commit": facts["git_commit"]} if facts["git_commit"] else {}
@@ -243,6 +334,7 @@ def _trainer(
         logger=loggers,
         callbacks=callbacks,
         enable_checkpointing=train.checkpoint_every is not None,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
