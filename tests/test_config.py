@@ -92,6 +92,10 @@ def test_indices_replace_an_every_k_pattern():
 
 # Each bad input: the error names the key and the allowed values, and is raised at load time.
 BAD_OVERRIDES = {
+    "a million layers (info would build them for ever)": (
+        ["model.n_layers=1000000"],
+        ["model.n_layers", "1000000 is more than 1024", "allowed: 1..1024"],
+    ),
     "even key kernel with both padding": (
         ["model.mta.pre_qk_conv.key_kernel=4"],
         ["model.mta.pre_qk_conv.key_kernel", "4 is even", "allowed: odd values, or key_padding=left|right"],

@@ -19,6 +19,7 @@ from conftest import sweep_command
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from mta_lab.cli import main
 from mta_lab.sweep.storage import open_storage
 
 # Each test launches real sweeps (workers, child processes, stores): minutes each on 2 cores.
@@ -212,6 +213,17 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
         and "loss is" in by_name["diverges"].data.tags["mta.error"]
     )
     assert by_name["fine"].info.status == "FINISHED" and parent.info.status == "FAILED"
+
+    # The report lists the cell that never finished, and why, instead of leaving it out silently.
+    out = tmp_path / "dashboards"
+    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--runs-dir", str(tmp_path / "runs")]
+    assert main(["report", str(path), "--profile", "full", *store, "--out-dir", str(out)]) == 0
+    markdown = (out / "grid" / "report.md").read_text()
+    assert (
+        "| diverges (no finished run: left out above) | 0 | FAILED | FloatingPointError: the training loss is"
+        in markdown
+    )
+    assert "no finished run: left out above" in (out / "grid" / "index.html").read_text()
 
 
 def _free_port() -> int:

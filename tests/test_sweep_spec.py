@@ -176,7 +176,7 @@ BAD = {
     ),
     "a text metric on the toy task": (
         "base: toy-block-cpu-mta\nvariants: {a: {}}\nmetric: {name: val/loss}\n",
-        "'val/loss' is not logged by cell 'baseline' (allowed: sys/peak_memory_mb, toy_block/err_seq",
+        "'val/loss' is not logged by cell 'baseline' (allowed: sys/peak_memory_mb, sys/wall_time_s, toy_block/err_seq",
     ),
     "a quote in the name": (
         "name: it's\nbase: tiny\nvariants: {a: {}}\n",

@@ -43,7 +43,7 @@ def test_train_tiny_records_one_finished_run(tmp_path, capsys):
     assert main(argv) == 0
     assert "FINISHED" in capsys.readouterr().out
     (run,) = runs(uri)
-    assert run.info.status == "FINISHED" and run.info.run_name.startswith("tiny train.steps=12")
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("tiny steps=12")
     params = run.data.params
     assert params["model.mta.pre_qk_conv.key_kernel"] == "11" and params["train.steps"] == "12"
     assert params["data.corpora.stdlib"] == "None" and params["model.mta.out_norm.gate"] == "scalar"
@@ -61,6 +61,8 @@ def test_train_tiny_records_one_finished_run(tmp_path, capsys):
         "val/shakespeare/bpb",
     ):
         assert key in metrics, key
+    # What a sweep may choose as its metric is exactly what a run logs (besides its parameter count).
+    assert set(metrics) - {"model/parameters"} == set(load_config("tiny", QUICK).logged_metrics())
     assert metrics["val/ppl"] == pytest.approx(2.718281828 ** metrics["val/loss"], rel=1e-6)
     assert metrics["train/tokens"] == 12 * 8 * 32
     client = MlflowClient(uri)

@@ -22,6 +22,7 @@ from mta_lab.analysis import figures
 from mta_lab.analysis.results import histories, results_frame, sweep_runs
 from mta_lab.analysis.stats import ALPHA, POWER, compare
 from mta_lab.config import ConfigError
+from mta_lab.secrets import mask
 from mta_lab.sweep.spec import Profile
 
 TITLES = {
@@ -112,10 +113,11 @@ def build_report(
         "metric": metric,
         "goal": spec.metric.goal.value,
         "generated": time.strftime("%Y-%m-%d %H:%M"),
-        "tracking_uri": data.tracking_uri,
+        "tracking_uri": mask(data.tracking_uri),
         "parent_url": run_url(data.parent.info.run_id),
         "rows": display_rows(comparison, finished, run_url),
         "runs": _run_rows(runs, metric, run_url),
+        "unfinished": _unfinished(runs, run_url),
         "figures": [(TITLES[name], svgs[name], f"figures/{name}.png") for name in made],
         "alpha": ALPHA,
         "power": POWER,
@@ -201,6 +203,25 @@ def _run_rows(runs: pl.DataFrame, metric: str, run_url) -> list[dict]:
             "run_id": row["run_id"],
         }
         for row in runs.iter_rows(named=True)
+    ]
+
+
+def _unfinished(runs: pl.DataFrame, run_url) -> list[dict]:
+    """Runs that are not in the comparison, and why: a variant whose every run failed must not just
+    vanish from the report."""
+    rows = runs.filter(pl.col("status") != "FINISHED").sort(["variant", "seed"])
+    counted = runs.filter(pl.col("status") == "FINISHED")["variant"].unique().to_list()
+    return [
+        {
+            "variant": row["variant"],
+            "seed": row["seed"],
+            "status": row["status"],
+            "reason": row["error"]
+            or ("still running" if row["status"] == "RUNNING" else "no reason recorded"),
+            "missing": row["variant"] not in counted,
+            "url": run_url(row["run_id"]),
+        }
+        for row in rows.iter_rows(named=True)
     ]
 
 

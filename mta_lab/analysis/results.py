@@ -17,11 +17,23 @@ from mlflow.tracking import MlflowClient
 
 from mta_lab.config import ConfigError
 from mta_lab.config.sweep import Goal
+from mta_lab.secrets import mask
 from mta_lab.sweep.spec import Profile, Sweep, load_sweep
 from mta_lab.sweep.tracking import child_runs, client_for, find_parent
 from mta_lab.train.tracking import resolve_tracking_uri
 
-IDENTITY = ["run_id", "run_name", "status", "variant", "role", "axis", "seed", "config_hash", "trial"]
+IDENTITY = [
+    "run_id",
+    "run_name",
+    "status",
+    "error",
+    "variant",
+    "role",
+    "axis",
+    "seed",
+    "config_hash",
+    "trial",
+]
 COST = ["tokens_per_s", "peak_memory_mb", "wall_time_s", "parameters"]
 # Params that identify the run rather than its configuration.
 NOT_CONFIG = ("train.seed", "data.seed", "tracking.")
@@ -67,6 +79,7 @@ def results_frame(data: SweepRuns, metric: str | None = None) -> pl.DataFrame:
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
             "status": run.info.status,
+            "error": mask(tags.get("mta.error") or tags.get("mta.stopped") or ""),
             "variant": tags.get("mta.variant", run.info.run_name),
             "role": tags.get("mta.role", "variant"),
             "axis": tags.get("mta.axis", ""),
@@ -80,7 +93,10 @@ def results_frame(data: SweepRuns, metric: str | None = None) -> pl.DataFrame:
         row["tokens_per_s"] = _median_history(data.client, run, "train/tokens_per_s")
         row["peak_memory_mb"] = metrics.get("sys/peak_memory_mb")
         end = run.info.end_time or run.info.start_time
-        row["wall_time_s"] = (end - run.info.start_time) / 1000 if run.info.start_time else None
+        # The run's own training time (resumes add no downtime); older runs: start to end.
+        row["wall_time_s"] = metrics.get("sys/wall_time_s") or (
+            (end - run.info.start_time) / 1000 if run.info.start_time else None
+        )
         row["parameters"] = metrics.get("model/parameters")
         rows.append(row)
     if not rows:

@@ -328,6 +328,10 @@ class MTAConfig:
         return any(name != "out_norm" for name in self.mechanisms())
 
 
+MAX_LAYERS = 1024
+"""More layers than any published model; what ``n_layers`` may be."""
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only Llama-style LM (as in the paper, App. D): token embedding, pre-RMSNorm blocks,
@@ -386,6 +390,12 @@ class ModelConfig:
             value = getattr(self, name)
             _check(value >= 1, name, f"{value} is not allowed; use an integer >= 1")
         _check(self.ffn_mult > 0, "ffn_mult", f"{self.ffn_mult} must be > 0")
+        # Every layer is a module built in Python, even on the meta device: a million would hang `info`.
+        _check(
+            self.n_layers <= MAX_LAYERS,
+            "n_layers",
+            f"{self.n_layers} is more than {MAX_LAYERS} (allowed: 1..{MAX_LAYERS})",
+        )
         _check(
             self.dim % self.n_heads == 0,
             "n_heads",

@@ -90,7 +90,7 @@ class RunConfig:
 
     def logged_metrics(self) -> list[str]:
         """Every metric a run of this config logs while it trains (MLflow and a sweep's progress)."""
-        names = [f"train/{name}" for name in TRAIN_METRICS] + ["sys/peak_memory_mb"]
+        names = [f"train/{name}" for name in TRAIN_METRICS] + ["sys/peak_memory_mb", "sys/wall_time_s"]
         corpora = list(self.data.active_corpora())
         if corpora:
             names += [f"val/{name}" for name in VAL_METRICS]

@@ -9,15 +9,19 @@ Running the same command again resumes: finished cells are skipped, unfinished a
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from rich.console import Console
@@ -31,7 +35,7 @@ from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
 from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_storage
-from mta_lab.sweep.tracking import client_for, experiment_id, parent_run
+from mta_lab.sweep.tracking import child_runs, client_for, experiment_id, parent_run
 from mta_lab.sweep.worker import recover_orphans
 from mta_lab.train.signals import stop_once
 from mta_lab.train.tracking import RunRecord, flat_params, resolve_tracking_uri
@@ -207,35 +211,49 @@ def launch(
         console.print("dry run: nothing was started")
         return 0
 
-    study = open_study(sweep, storage, create=True)  # a bad storage stops here, before any MLflow run
-    client = client_for(uri)
-    experiment = experiment_id(client, sweep.spec.name)
-    parent = parent_run(client, experiment, sweep, flat_params(sweep.spec, prefix="sweep"))
+    with setup_lock(sweep_dir, uri):  # a second launcher waits, then finds everything set up
+        study = open_study(sweep, storage, create=True)  # a bad storage stops here, before any MLflow run
+        client = client_for(uri)
+        experiment = experiment_id(client, sweep.spec.name)
+        parent = parent_run(client, experiment, sweep, flat_params(sweep.spec, prefix="sweep"))
+        queued = _register(sweep, study, cells, uri, experiment, parent, console)
     with stop_once():  # Ctrl-C (the workers get it too) or SIGTERM: stop once, record it once
         try:
             return _start(
-                sweep,
-                study,
-                cells,
-                slots,
-                storage,
-                uri,
-                runs_dir,
-                sweep_dir,
-                client,
-                experiment,
-                parent,
-                console,
+                sweep, study, cells, slots, storage, uri, runs_dir, sweep_dir, client, parent, queued, console
             )
         except BaseException as error:  # before or after the workers ran: never leave the parent RUNNING
-            client.set_terminated(parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            try:
+                stopped = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                _finish_parent(client, parent, study, sweep, stopped)
+            except MlflowException as problem:  # e.g. a store made read-only: say so, in one line
+                console.print(
+                    f"[red]the MLflow store {mask(uri)} cannot be written ({str(problem).splitlines()[0]}): "
+                    f"its runs stay RUNNING until `mta-lab sweep {sweep.spec.name}` runs again, which ends "
+                    "them[/red]",
+                    highlight=False,
+                )
+                if isinstance(error, MlflowException):
+                    return 1
             raise
 
 
-def _start(
-    sweep, study, cells, slots, storage, uri, runs_dir, sweep_dir, client, experiment, parent, console
-) -> int:
-    """Register the sweep in its study, enqueue the cells, run the workers and end the parent run."""
+@contextmanager
+def setup_lock(sweep_dir: Path, tracking_uri: str) -> Iterator[None]:
+    """One launcher at a time sets a sweep up on this machine: two creating a new SQLite MLflow store
+    at once can break it, and two finding no parent run would each create one."""
+    paths = [sweep_dir / "launch.lock"]
+    if tracking_uri.startswith("sqlite:///"):
+        paths.append(Path(tracking_uri.removeprefix("sqlite:///") + ".lock"))
+    with ExitStack() as stack:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fcntl.flock(stack.enter_context(path.open("a")), fcntl.LOCK_EX)  # released when closed
+        yield
+
+
+def _register(sweep, study, cells, uri, experiment, parent, console) -> int:
+    """Record the sweep in its study and enqueue its unfinished cells; how many were queued."""
     attrs = {
         "spec": OmegaConf.to_container(OmegaConf.structured(sweep.spec), enum_to_str=True),
         "profile": sweep.profile.value,
@@ -249,18 +267,44 @@ def _start(
     recovered = recover_orphans(study)
     if recovered:
         console.print(f"trials {recovered} had lost their worker: their cells run again")
+    abandoned = _end_abandoned_runs(client_for(uri), experiment, parent, study)
+    if abandoned:
+        console.print(f"{len(abandoned)} MLflow runs left RUNNING by an earlier attempt are marked FAILED")
     done, queued = enqueue(study, sweep, cells)
     if sweep.spec.search is None:
         console.print(
             f"{len(done)} of {len(cells)} cells already finished (skipped); {queued} to run", highlight=False
         )
+    return queued
+
+
+def _end_abandoned_runs(client, experiment: str, parent: str, study) -> list[str]:
+    """End the child runs that an earlier attempt left RUNNING (killed, or stopped by a store it could
+    no longer write) and that no live trial trains; their cells resume in them when they run again."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    live = {t.user_attrs.get("cell") for t in running}  # a run's id reaches its trial just after it starts
+    ended = []
+    for run in child_runs(client, experiment, parent):
+        if run.info.status == "RUNNING" and run.data.tags.get("mta.config_hash") not in live:
+            client.set_tag(
+                run.info.run_id, "mta.error", "its sweep stopped before it could record how it ended"
+            )
+            client.set_terminated(run.info.run_id, "FAILED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def _start(
+    sweep, study, cells, slots, storage, uri, runs_dir, sweep_dir, client, parent, queued, console
+) -> int:
+    """Run the workers and end the parent run."""
     if sweep.spec.search is None and not queued and not _waiting(study):
         console.print("every cell is done")
         _finish_parent(client, parent, study, sweep)
         return 0
 
     code = _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console)
-    status = _finish_parent(client, parent, study, sweep, interrupted=code == 130)
+    status = _finish_parent(client, parent, study, sweep, "KILLED" if code == 130 else None, console)
     if code == 0 and status == "FAILED":
         code = 1  # some cells failed: the parent run and the table say which, and why
     console.print(status_table(study, sweep, cells if sweep.spec.search is None else None))
@@ -386,7 +430,9 @@ def _report(study, sweep, progress, bar, reported: set[int]) -> None:
 
 
 def _fail_reason(trial) -> str:
-    return str(trial.system_attrs.get("fail_reason", "see its MLflow run's mta.error tag"))
+    return str(
+        trial.system_attrs.get("fail_reason", "its worker stopped before it could say why (see its log)")
+    )
 
 
 def _total(study, sweep) -> int:
@@ -399,8 +445,19 @@ def _waiting(study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
 
 
-def _finish_parent(client, parent: str, study, sweep, interrupted: bool = False) -> str:
-    """The parent run's status and its summary: FINISHED when every cell finished."""
+def _finish_parent(client, parent: str, study, sweep, stopped: str | None = None, console=None) -> str:
+    """The parent run's summary and status: FINISHED when every cell finished, ``stopped`` (KILLED,
+    FAILED) when this launcher was stopped; left RUNNING while other workers still train cells (another
+    launcher, or workers elsewhere): the last to finish ends it."""
+    recover_orphans(study)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        if console is not None:
+            console.print(
+                f"{len(running)} cells are still training in other workers: the parent run stays RUNNING and "
+                "ends with the last of them (or with the next `mta-lab sweep` of this sweep)"
+            )
+        return "RUNNING"
     complete = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "cell" in t.user_attrs
     ]
@@ -423,6 +480,6 @@ def _finish_parent(client, parent: str, study, sweep, interrupted: bool = False)
     else:  # a search is done when it has its trials; pruned ones count
         ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         done = len(ended) >= sweep.spec.search.n_trials
-    status = "KILLED" if interrupted else ("FINISHED" if done else "FAILED")
+    status = stopped or ("FINISHED" if done else "FAILED")
     client.set_terminated(parent, status)
     return status

@@ -84,9 +84,13 @@ def status_table(study: optuna.Study, sweep: Sweep, cells: list[Cell] | None = N
 def _row(label: str, seed: int, trial: FrozenTrial | None) -> tuple[str, str, str, str, str, str]:
     if trial is None:
         return label, str(seed), "pending", "", "", ""
-    value = (
-        f"{trial.value:.4g}" if trial.state == TrialState.COMPLETE else trial.user_attrs.get("error", "")[:60]
-    )
+    if trial.state == TrialState.COMPLETE:
+        value = f"{trial.value:.4g}"
+    elif trial.state in (TrialState.FAIL, TrialState.PRUNED):
+        value = trial.user_attrs.get("error", "")[:60]
+    else:  # queued again or running: an earlier attempt's reason no longer holds
+        value = ""
+
     return (
         label,
         str(seed),

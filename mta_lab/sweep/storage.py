@@ -8,17 +8,24 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from mta_lab.config import ConfigError
 from mta_lab.config.sweep import PrunerKind, SweepSpec
 from mta_lab.secrets import mask
+
+logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30
 GRACE_S = 120  # > 3 heartbeats: a long evaluation must not get a live trial failed
@@ -34,6 +41,7 @@ def open_storage(url: str) -> BaseStorage:
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +67,49 @@ def open_storage(url: str) -> BaseStorage:
     raise ConfigError(
         f"--storage {url}: unsupported (allowed: journal:PATH, sqlite:///PATH, postgresql://..., mysql://...)"
     )
+
+
+def repair_journal(path: Path) -> str | None:
+    """Set aside what a full disk or a kill mid-write left in a journal: a last record cut short
+    (the next append would run into it) and records that do not parse. The cells those records were
+    about run again. Returns what was done, also logged; None for a sound journal."""
+    if not path.is_file():
+        return None
+    with _journal_lock(path):
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        torn = lines.pop() if lines else b""  # after the last newline: empty when the file is whole
+        kept, damaged = [], []
+        for line in lines:
+            try:
+                json.loads(line)
+                kept.append(line)
+            except ValueError:
+                damaged.append(line)
+        if torn:
+            damaged.append(torn)
+        if not damaged:
+            return None
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.write_bytes(data)
+        path.write_bytes(b"".join(line + b"\n" for line in kept))
+    note = (
+        f"{path}: {len(damaged)} damaged record(s) (a full disk or a kill while writing) set aside; the whole "
+        f"file as it was is in {aside.name}; the cells they were about run again"
+    )
+    logger.warning("%s", note)
+    return note
+
+
+@contextmanager
+def _journal_lock(path: Path) -> Iterator[None]:
+    """The lock Optuna's journal takes for every append, so that no worker writes during a repair."""
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _connection_problem(url: str, error: Exception) -> str:

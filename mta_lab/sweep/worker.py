@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from mta_lab.train.run import CONFIG_FILE, RUN_FILE
 from mta_lab.train.signals import stop_once
 
 POLL_S = 0.5
+WAIT_S = 5.0
+"""How often a worker with nothing to do looks for trials whose worker died."""
 STOP_GRACE_S = 120
 
 
@@ -76,11 +79,23 @@ class Context:
 
 
 def run_worker(study: optuna.Study, context: Context) -> None:
-    """Train cells until none is waiting (an ablation) or the search has its trials."""
-    recover_orphans(study)
+    """Train cells until every trial of the study has ended (an ablation) or the search has its trials.
+
+    While no cell waits but other workers' trials still run, the worker stays: a worker that died
+    leaves its trial RUNNING, and this one fails it (after the storage's heartbeat grace, or at once
+    when it ran on this machine) and trains its cell, requeued."""
     with stop_once():  # Ctrl-C arrives here and from the launcher (SIGTERM): stop the child once
-        while _more_work(study, context.sweep.spec):
-            study.optimize(lambda trial: objective(trial, context), n_trials=1, catch=(CellFailed,))
+        while True:
+            recover_orphans(study)
+            with warnings.catch_warnings():  # "experimental" in Optuna 5, and what heartbeats are for
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats; requeues with them
+            if _more_work(study, context.sweep.spec):
+                study.optimize(lambda trial: objective(trial, context), n_trials=1, catch=(CellFailed,))
+            elif context.sweep.spec.search is None and _running_elsewhere(study):
+                time.sleep(WAIT_S)
+            else:
+                return
 
 
 def objective(trial: Trial, context: Context) -> float:
@@ -144,6 +159,9 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
         except KeyboardInterrupt:
             _stop(child)
             _end_if_running(client, run_id, "KILLED")  # the child was stopped before it could say so
+            trial.set_user_attr(
+                "error", "stopped (Ctrl-C or SIGTERM); it resumes from its checkpoint next time"
+            )
             raise
         finally:
             _stop(child)
@@ -270,7 +288,7 @@ def _more_work(study: optuna.Study, spec: SweepSpec) -> bool:
 
 def recover_orphans(study: optuna.Study) -> list[int]:
     """Fail the RUNNING trials whose worker on this machine is gone (storages without heartbeats keep
-    them RUNNING forever); their cells are then run again. Returns the trial numbers."""
+    them RUNNING forever) and queue their cells again. Returns the trial numbers."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
@@ -278,8 +296,16 @@ def recover_orphans(study: optuna.Study) -> list[int]:
             # Optuna has no public call to end another process's trial; its storage API does it.
             study._storage.set_trial_user_attr(trial._trial_id, "error", "its worker died")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if "cell" in trial.user_attrs:  # an ablation's cell; a search samples a new point instead
+                keep = ("cell", "label", "seed", "role", "axis", "config")
+                study.enqueue_trial({}, user_attrs={k: trial.user_attrs[k] for k in keep})
             failed.append(trial.number)
     return failed
+
+
+def _running_elsewhere(study: optuna.Study) -> bool:
+    """Whether trials of other workers still run (this worker runs none between cells)."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def _alive(trial: FrozenTrial) -> bool:

@@ -48,7 +48,15 @@ class LanguageModel(L.LightningModule):
         self._step_loss: list[torch.Tensor] = []
         self._window_start = time.perf_counter()
         self._window_tokens = 0
+        # The run's own time across resumes (checkpointed), so a stop and a later resume add no downtime.
+        self._wall_before, self._fit_start = 0.0, time.perf_counter()
         self.final_metrics: dict[str, float] = {}
+
+    def on_train_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def wall_time_s(self) -> float:
+        return self._wall_before + time.perf_counter() - self._fit_start
 
     def forward(self, inputs_bt: torch.Tensor) -> torch.Tensor:
         return self.forward_fn(inputs_bt)
@@ -105,6 +113,7 @@ class LanguageModel(L.LightningModule):
             "train/tokens": step * self.config.train.tokens_per_step(self.tokens_per_row),
             "train/tokens_per_s": self._window_tokens / elapsed,
             "sys/peak_memory_mb": peak_memory_mb(self.device),
+            "sys/wall_time_s": self.wall_time_s(),
         }
         self._log(metrics, step)
         self._window_loss, self._window_steps, self._window_tokens = 0.0, 0, 0
@@ -124,6 +133,7 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Dropout draws from torch's global generators: resuming restores them for an exact replay.
         # (Data and tasks use their own seeded generators; nothing else is random in training.)
+        checkpoint["wall_time_s"] = self.wall_time_s()
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -131,6 +141,7 @@ class LanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._last_step = checkpoint["global_step"]
+        self._wall_before = checkpoint.get("wall_time_s", 0.0)
         rng = checkpoint.get("rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

@@ -263,6 +263,8 @@ def fit_run(
             last = run_dir / "checkpoints" / "last.ckpt"
             if not resume:
                 _record_start(config, record, run_dir, uri, device, source)
+            else:  # what an earlier attempt left no longer describes the run
+                record.clear_tags("mta.error", "mta.stopped", "mta.resumed_from")
             # A run killed before its first checkpoint starts over, in the same MLflow run.
             checkpoint = readable_checkpoint(last, record) if resume else None
 

@@ -155,6 +155,13 @@ class RunRecord:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def clear_tags(self, *keys: str) -> None:
+        """Remove tags that no longer hold (an earlier attempt's error, once the run resumes)."""
+        present = self.client.get_run(self.run_id).data.tags
+        for key in keys:
+            if key in present:
+                self.client.delete_tag(self.run_id, key)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -176,6 +183,7 @@ class SilentRecord(RunRecord):
 
     def log_params(self, params: dict[str, str]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def clear_tags(self, *keys: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def end(self, status: str) -> None: ...
