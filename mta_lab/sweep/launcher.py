@@ -25,13 +25,13 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.sweep import Distribution, Goal
 from mta_lab.data.run_data import load_run_data
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
+from mta_lab.sweep.progress import SweepProgress
 from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
 from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_storage
@@ -373,22 +373,12 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
         env = {**os.environ, **slot.env(), STORAGE_ENV: storage, TRACKING_ENV: uri}
         log = (logs / f"worker-{index}.log").open("a")
         processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
-    total = _total(study, sweep)
-    reported: set[int] = set()
     try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            bar = progress.add_task(f"{sweep.spec.name}", total=total)
+        with SweepProgress(study, sweep, sweep_dir, _total(study, sweep), console) as progress:
             while any(p.poll() is None for p in processes):
-                _report(study, sweep, progress, bar, reported)
+                progress.update()
                 time.sleep(1.0)
-            _report(study, sweep, progress, bar, reported)
+            progress.update()
     except KeyboardInterrupt:
         console.print(
             "stopping: workers stop their training runs (marked KILLED); run the same command to resume"
@@ -404,35 +394,6 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
         console.print(f"[red]workers {failed} stopped with an error: see {logs}[/red]")
         return 1
     return 0
-
-
-def _report(study, sweep, progress, bar, reported: set[int]) -> None:
-    metric = sweep.spec.metric.name
-    finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    for trial in study.get_trials(deepcopy=False, states=finished):
-        if trial.number in reported or "label" not in trial.user_attrs:
-            continue
-        reported.add(trial.number)
-        name = f"{trial.user_attrs['label']} · seed {trial.user_attrs['seed']}"
-        if trial.state == TrialState.COMPLETE:
-            progress.console.print(
-                f"  [green]done[/green]   {name}: {metric} = {trial.value:.4g}", highlight=False
-            )
-        elif trial.state == TrialState.PRUNED:
-            progress.console.print(f"  [yellow]pruned[/yellow] {name}", highlight=False)
-        else:
-            error = trial.user_attrs.get("error") or _fail_reason(trial)
-            progress.console.print(f"  [red]failed[/red] {name}: {error}", highlight=False)
-    done = [t for t in study.get_trials(deepcopy=False, states=finished) if "label" in t.user_attrs]
-    progress.update(
-        bar, completed=min(len({t.user_attrs["cell"] for t in done}), progress.tasks[bar].total or 0)
-    )
-
-
-def _fail_reason(trial) -> str:
-    return str(
-        trial.system_attrs.get("fail_reason", "its worker stopped before it could say why (see its log)")
-    )
 
 
 def _total(study, sweep) -> int:
