@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,3 +79,59 @@ def sweep_command(path: Path, *args: str) -> list[str]:
     """``mta-lab sweep PATH`` (full budget) in a fresh interpreter, its MLflow store and runs beside the file."""
     store = ["--tracking-uri", f"sqlite:///{path.parent}/mlflow.db", "--runs-dir", str(path.parent / "runs")]
     return [sys.executable, "-m", "mta_lab.cli", "sweep", str(path), "--profile", "full", *store, *args]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PG_PASSWORD = "Pg-P4ssw0rd-fault"
+
+
+@pytest.fixture(params=[False], ids=["trust"])
+def postgres(request):
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package); with the param True
+    it asks for the password ``PG_PASSWORD`` over TCP, and the URL carries it."""
+    password = request.param
+
+    def unavailable(reason: str):
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {reason}")
+        pytest.skip(reason)
+
+    initdb = shutil.which("initdb") or next(iter(glob.glob("/usr/lib/postgresql/*/bin/initdb")), None)
+    if initdb is None:
+        unavailable("no PostgreSQL server binaries (apt-get install postgresql)")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    base = Path(tempfile.mkdtemp(prefix="mta-lab-pg-"))  # under /tmp: the postgres user must reach it
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            unavailable("running as root without runuser")
+        shutil.chown(base, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = base / "data"
+    auth = ["-A", "trust"]
+    if password:
+        (base / "pw").write_text(PG_PASSWORD)
+        if os.geteuid() == 0:
+            shutil.chown(base / "pw", "postgres")
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={base / 'pw'}"]
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), *auth, "-U", "postgres"], check=True, capture_output=True
+    )
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        user = f"postgres:{PG_PASSWORD}" if password else "postgres"
+        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

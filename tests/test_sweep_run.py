@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -224,50 +221,6 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
         in markdown
     )
     assert "no finished run: left out above" in (out / "grid" / "index.html").read_text()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def postgres():
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package)."""
-
-    def unavailable(reason: str):
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI: {reason}")
-        pytest.skip(reason)
-
-    initdb = shutil.which("initdb") or next(iter(glob.glob("/usr/lib/postgresql/*/bin/initdb")), None)
-    if initdb is None:
-        unavailable("no PostgreSQL server binaries (apt-get install postgresql)")
-    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
-    base = Path(tempfile.mkdtemp(prefix="mta-lab-pg-"))  # under /tmp: the postgres user must reach it
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if shutil.which("runuser") is None:
-            unavailable("running as root without runuser")
-        shutil.chown(base, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    data = base / "data"
-    subprocess.run(
-        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True
-    )
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_workers_share_a_postgresql_study(tmp_path, postgres):

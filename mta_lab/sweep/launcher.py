@@ -305,6 +305,8 @@ def _start(
 
     code = _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console)
     status = _finish_parent(client, parent, study, sweep, "KILLED" if code == 130 else None, console)
+    if code == 1 and status == "FINISHED":
+        code = 0  # a worker died, but the others trained its cells: the sweep is complete
     if code == 0 and status == "FAILED":
         code = 1  # some cells failed: the parent run and the table say which, and why
     console.print(status_table(study, sweep, cells if sweep.spec.search is None else None))

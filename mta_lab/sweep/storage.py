@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,8 +28,9 @@ from mta_lab.secrets import mask
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 30
-GRACE_S = 120  # > 3 heartbeats: a long evaluation must not get a live trial failed
+HEARTBEAT_S = int(os.environ.get("MTA_LAB_HEARTBEAT_S", "30"))
+"""Seconds between a worker's heartbeats on a database storage ($MTA_LAB_HEARTBEAT_S)."""
+GRACE_S = 4 * HEARTBEAT_S  # > 3 heartbeats: a long evaluation must not get a live trial failed
 RETRIES = 3
 
 
