@@ -294,8 +294,11 @@ def recover_orphans(study: optuna.Study) -> list[int]:
         worker = trial.user_attrs.get("worker")
         if worker and worker["host"] == socket.gethostname() and not _alive(trial):
             # Optuna has no public call to end another process's trial; its storage API does it.
-            study._storage.set_trial_user_attr(trial._trial_id, "error", "its worker died")
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            try:
+                study._storage.set_trial_user_attr(trial._trial_id, "error", "its worker died")
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker or launcher got there first, and requeued it
             if "cell" in trial.user_attrs:  # an ablation's cell; a search samples a new point instead
                 keep = ("cell", "label", "seed", "role", "axis", "config")
                 study.enqueue_trial({}, user_attrs={k: trial.user_attrs[k] for k in keep})
