@@ -23,3 +23,19 @@ def test_a_torn_or_garbled_journal_keeps_its_sound_records(tmp_path, caplog):
     reopened.enqueue_trial({}, user_attrs={"cell": "b"})  # appends land on a whole line again
     again = optuna.load_study(study_name="s", storage=open_storage(f"journal:{journal}"))
     assert [t.user_attrs["cell"] for t in again.get_trials()] == ["a", "b"]
+
+
+def test_a_reused_pid_does_not_pass_for_the_dead_worker():
+    import os
+    import socket
+
+    from mta_lab.sweep.worker import _alive, _start_time
+
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+
+    def trial(worker):
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"worker": worker})
+
+    assert _alive(trial(me))
+    assert not _alive(trial({**me, "started": me["started"] - 1}))  # same pid, another process
+    assert _alive(trial({**me, "host": "elsewhere"}))  # another machine: its heartbeat decides

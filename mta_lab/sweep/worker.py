@@ -99,7 +99,8 @@ def run_worker(study: optuna.Study, context: Context) -> None:
 
 
 def objective(trial: Trial, context: Context) -> float:
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    worker = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+    trial.set_user_attr("worker", worker)
     cell = _cell(trial, context)
     if cell is None:
         raise optuna.TrialPruned("no cell was waiting (another worker took the last one)")
@@ -321,7 +322,17 @@ def _alive(trial: FrozenTrial) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # The pid may belong to a new process since: the worker's start time tells them apart.
+    return worker.get("started") is None or _start_time(worker["pid"]) == worker["started"]
+
+
+def _start_time(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (Linux /proc; None elsewhere)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before it may hold spaces
 
 
 def _resumable(run_dir: Path, run_id: str) -> bool:
