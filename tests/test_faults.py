@@ -100,8 +100,9 @@ def test_a_killed_workers_cell_is_trained_by_the_survivor_and_no_password_leaks(
     tmp_path, postgres, monkeypatch
 ):
     monkeypatch.setenv("MTA_LAB_HEARTBEAT_S", "2")  # a dead worker's trial is stale after 8 s
+    monkeypatch.setenv("MTA_LAB_STORAGE", postgres)  # as the README advises: not on the command line
     path = sweep_file(tmp_path, TWO_CELLS, seeds="[0, 1]", steps=60)
-    process = launch(path, "--workers", "2", "--storage", postgres, wait=False)
+    process = launch(path, "--workers", "2", wait=False)
 
     def running_trials():
         try:
@@ -172,15 +173,15 @@ def test_a_rejected_password_is_one_line_naming_the_database(tmp_path, capsys, m
     )
 
 
-def test_a_journal_torn_by_a_full_disk_is_repaired_and_the_sweep_resumes(tmp_path, capsys, monkeypatch):
+def test_a_journal_torn_by_a_full_disk_is_repaired_and_the_sweep_resumes(tmp_path, caplog):
     path = sweep_file(tmp_path, TWO_CELLS, seeds="[0]", steps=3)
     assert launch(path).returncode == 0
     journal = tmp_path / "runs" / "sweeps" / "grid" / "optuna.journal"
     with journal.open("ab") as stream:
         stream.write(b'{"op_code": 4, "worker_id": "ab')  # the disk filled up mid-record
     store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--runs-dir", str(tmp_path / "runs")]
-    assert main(["status", str(path), "--profile", "full", *store]) == 0
-    assert "1 damaged record(s) (a full disk or a kill while writing) set aside" in capsys.readouterr().err
+    assert main(["status", str(path), "--profile", "full", *store]) == 0  # the CLI logs it on stderr
+    assert "1 damaged record(s) (a full disk or a kill while writing) set aside" in caplog.text
     assert list(journal.parent.glob("optuna.journal.damaged-*"))
     again = launch(path)
     assert again.returncode == 0 and "every cell is done" in again.stdout, again.stdout + again.stderr

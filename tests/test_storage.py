@@ -1,8 +1,9 @@
-"""Optuna storages as mta-lab opens them: a damaged journal is repaired, not fatal."""
+"""Stores as mta-lab opens them: a damaged Optuna journal is repaired, a busy MLflow store waited out."""
 
 from __future__ import annotations
 
 import optuna
+import pytest
 
 from mta_lab.sweep.storage import open_storage, repair_journal
 
@@ -14,7 +15,9 @@ def test_a_torn_or_garbled_journal_keeps_its_sound_records(tmp_path, caplog):
     sound = journal.read_bytes()
     assert repair_journal(journal) is None and journal.read_bytes() == sound
     with journal.open("ab") as stream:
-        stream.write(b"\x00\x00garbage\n" + b'{"op_code": 4, "worker_id": "ab')  # a zeroed block, a cut record
+        stream.write(
+            b"\x00\x00garbage\n" + b'{"op_code": 4, "worker_id": "ab'
+        )  # a zeroed block, a cut record
     reopened = optuna.load_study(study_name="s", storage=open_storage(f"journal:{journal}"))
     assert "2 damaged record(s)" in caplog.text
     assert journal.read_bytes() == sound and [t.user_attrs["cell"] for t in reopened.get_trials()] == ["a"]
@@ -25,17 +28,36 @@ def test_a_torn_or_garbled_journal_keeps_its_sound_records(tmp_path, caplog):
     assert [t.user_attrs["cell"] for t in again.get_trials()] == ["a", "b"]
 
 
-def test_a_reused_pid_does_not_pass_for_the_dead_worker():
-    import os
-    import socket
+def test_a_busy_mlflow_store_is_waited_out_and_other_errors_are_not(monkeypatch):
+    from mlflow.exceptions import MlflowException
 
-    from mta_lab.sweep.worker import _alive, _start_time
+    from mta_lab.train import tracking
 
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+    pauses = []
+    monkeypatch.setattr(tracking.time, "sleep", pauses.append)
+    calls = []
 
-    def trial(worker):
-        return optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"worker": worker})
+    def write(value):
+        calls.append(value)
+        if len(calls) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return value
 
-    assert _alive(trial(me))
-    assert not _alive(trial({**me, "started": me["started"] - 1}))  # same pid, another process
-    assert _alive(trial({**me, "host": "elsewhere"}))  # another machine: its heartbeat decides
+    assert tracking._patient(write)("tag") == "tag" and len(calls) == 3 and len(pauses) == 2
+
+    def broken():
+        calls.append("broken")
+        raise MlflowException("(sqlite3.OperationalError) disk I/O error")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="disk I/O"):
+        tracking._patient(broken)()
+    assert calls == ["broken"]  # a store that cannot be written is said at once, not after retries
+
+    def always_busy():
+        raise MlflowException("database is locked")
+
+    pauses.clear()
+    with pytest.raises(MlflowException, match="locked"):
+        tracking._patient(always_busy)()
+    assert 15 < sum(pauses) < 60  # about half a minute, then the error is let through

@@ -27,14 +27,14 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from mta_lab.assembly.run_data import load_run_data
 from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.sweep import Distribution, Goal
-from mta_lab.data.run_data import load_run_data
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.progress import SweepProgress
 from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
 from mta_lab.sweep.status import status_table
-from mta_lab.sweep.storage import default_storage, open_storage
+from mta_lab.sweep.storage import default_storage, open_study
 from mta_lab.sweep.tracking import child_runs, client_for, experiment_id, parent_run
 from mta_lab.sweep.worker import recover_orphans
 from mta_lab.train.signals import stop_once
@@ -94,8 +94,9 @@ def prepare(name_or_path: str, profile: Profile) -> tuple[Sweep, list[Cell]]:
 
     sweep = load_sweep(name_or_path, profile)
     cells = _cells(sweep)
-    other = load_sweep(name_or_path, Profile.cpu if sweep.profile == Profile.full else Profile.full)
-    check_metric(other, _cells(other))
+    if sweep.profile == Profile.cpu or sweep.spec.cpu is not None:  # the implicit cpu profile is a fallback
+        other = load_sweep(name_or_path, Profile.cpu if sweep.profile == Profile.full else Profile.full)
+        check_metric(other, _cells(other))
     check_metric(sweep, cells)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seen = set()
@@ -316,26 +317,6 @@ def _start(
     return code
 
 
-def open_study(sweep: Sweep, storage: str, create: bool = False) -> optuna.Study:
-    direction = "minimize" if sweep.spec.metric.goal == Goal.minimize else "maximize"
-    sampler = optuna.samplers.TPESampler(seed=sweep.spec.search.seed) if sweep.spec.search else None
-    backend = open_storage(storage)
-    if create:
-        return optuna.create_study(
-            study_name=sweep.study_name,
-            storage=backend,
-            direction=direction,
-            sampler=sampler,
-            load_if_exists=True,
-        )
-    try:
-        return optuna.load_study(study_name=sweep.study_name, storage=backend, sampler=sampler)
-    except KeyError:
-        raise ConfigError(
-            f"no study '{sweep.study_name}' at {mask(storage)}: run `mta-lab sweep {sweep.spec.name}` first"
-        ) from None
-
-
 def enqueue(study: optuna.Study, sweep: Sweep, cells: list[Cell]) -> tuple[list[Cell], int]:
     """Enqueue each cell that is not finished, waiting or running; once, keyed by its config hash."""
     if sweep.spec.search is not None:
@@ -366,6 +347,8 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
             "mta_lab.cli",
             "worker",
             sweep.spec.name,
+            "--index",
+            str(index),
             "--profile",
             sweep.profile.value,
             "--runs-dir",

@@ -7,12 +7,12 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from mta_lab.sweep.spec import Cell, Sweep
-from mta_lab.train.tracking import RunRecord, quiet_mlflow
+from mta_lab.train.tracking import RunRecord, TrackingClient, quiet_mlflow
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
     quiet_mlflow()
-    return MlflowClient(tracking_uri)
+    return TrackingClient(tracking_uri)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
+from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from mta_lab.config import ConfigError, resolved_yaml
@@ -99,7 +102,7 @@ def run_worker(study: optuna.Study, context: Context) -> None:
 
 
 def objective(trial: Trial, context: Context) -> float:
-    worker = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+    worker = {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
     trial.set_user_attr("worker", worker)
     cell = _cell(trial, context)
     if cell is None:
@@ -113,6 +116,10 @@ def objective(trial: Trial, context: Context) -> float:
     except CellFailed as error:
         trial.set_user_attr("error", mask(str(error))[:2000])  # what `status` and the launcher show
         raise
+    except MlflowException as error:  # the store stopped taking writes: this cell, and likely the rest
+        reason = f"the MLflow store cannot be written: {str(error).splitlines()[0]}"
+        trial.set_user_attr("error", mask(reason)[:2000])
+        raise CellFailed(reason) from None
 
 
 def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
@@ -188,12 +195,12 @@ def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) 
     while True:
         running = child.poll() is None
         if progress.is_file():
-            with progress.open() as stream:
+            with progress.open("rb") as stream:  # bytes: a damaged line may not even be UTF-8
                 stream.seek(offset)
                 for line in stream:
-                    if not line.endswith("\n"):
+                    if not line.endswith(b"\n"):
                         break  # a partly written line: read it next time
-                    offset += len(line.encode())
+                    offset += len(line)
                     try:
                         record = json.loads(line)
                         record["metrics"], record["step"]  # noqa: B018 (the fields the worker reads)
@@ -225,6 +232,10 @@ def _stop(child: subprocess.Popen) -> None:
             child.wait()
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
+"""The line of a traceback that names what was raised, e.g. ``sqlite3.OperationalError: database is locked``."""
+
+
 def _end_if_running(client, run_id: str, status: str, reason: str | None = None) -> bool:
     """End a run its training process left RUNNING (it was killed before it could record anything)."""
     if client.get_run(run_id).info.status != "RUNNING":
@@ -242,8 +253,17 @@ def _failure_reason(client, run_id: str, run_dir: Path, code: int) -> str:
     error = client.get_run(run_id).data.tags.get("mta.error")
     if error:
         return error
-    tail = (run_dir / "child.log").read_text().strip().splitlines()[-3:]
-    return f"exit code {code}: {' / '.join(tail)}"
+    return f"exit code {code}: {what_was_raised((run_dir / 'child.log').read_text(errors='replace'))}"
+
+
+def what_was_raised(log: str) -> str:
+    """The last exception a process's log names; its last lines where it names none.
+
+    A traceback ends in its exception, but a database error's message runs on for lines after it
+    (the SQL, a link), so the last lines alone would not say what went wrong."""
+    lines = log.strip().splitlines()
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return raised[-1] if raised else " / ".join(lines[-3:])
 
 
 def _cell(trial: Trial, context: Context) -> Cell | None:
@@ -317,22 +337,13 @@ def _alive(trial: FrozenTrial) -> bool:
     if not worker or worker["host"] != socket.gethostname():
         return True  # another machine's worker: its heartbeat, if any, decides
     try:
-        os.kill(worker["pid"], 0)
-    except ProcessLookupError:
+        started = psutil.Process(worker["pid"]).create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
+    except psutil.AccessDenied:
+        return True  # another user's process: not ours to judge
     # The pid may belong to a new process since: the worker's start time tells them apart.
-    return worker.get("started") is None or _start_time(worker["pid"]) == worker["started"]
-
-
-def _start_time(pid: int) -> int | None:
-    """When a process started, in clock ticks since boot (Linux /proc; None elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before it may hold spaces
+    return worker.get("started") is None or abs(started - worker["started"]) < 0.01
 
 
 def _resumable(run_dir: Path, run_id: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -24,11 +25,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mta_lab.assembly.mixture import TrainStream, collate
+from mta_lab.assembly.run_data import RunData, load_run_data
 from mta_lab.config import ConfigError, RunConfig, load_config, resolved_yaml
 from mta_lab.config.train import Precision
 from mta_lab.data.errors import DataError
-from mta_lab.data.mixture import TrainStream, collate
-from mta_lab.data.run_data import RunData, load_run_data
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.train.device import training_device
 from mta_lab.train.evaluate import Evaluator
@@ -96,12 +97,15 @@ class StepProgress(Callback):
             desc="train",
             unit="step",
             disable=not self.enabled,
+            # Into a log file or a pipe, a line every half minute rather than a redraw every 0.1 s.
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.bar is not None and trainer.global_step > self.bar.n:
             self.bar.update(trainer.global_step - self.bar.n)
-            self.bar.set_postfix(loss=f"{float(trainer.callback_metrics.get('loss', float('nan'))):.3f}")
+            loss = float(trainer.callback_metrics.get("loss", float("nan")))
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # drawn with the next update
 
     def on_train_end(self, trainer, module) -> None:
         if self.bar is not None:

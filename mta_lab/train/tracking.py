@@ -8,11 +8,12 @@ owns the run, in a ``finally``, so no run is left RUNNING by an error or an inte
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import logging
 import os
 import platform
+import random
 import re
 import socket
 import subprocess
@@ -25,10 +26,11 @@ import torch
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from mta_lab.config import RunConfig, resolved_yaml
+from mta_lab.config import RunConfig, config_hash
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """An SQLite file in the working directory: what `mlflow ui` and `mta-lab ui` open by default."""
@@ -46,9 +48,53 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 
 def quiet_mlflow() -> None:
-    """MLflow's store migrations and client notices are not the user's business."""
+    """MLflow's store migrations and client notices are not the user's business; nor are its own
+    tracebacks of database errors, which reach mta-lab as exceptions and are reported in one line."""
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+BUSY_STORE = ("database is locked", "database table is locked")
+"""What SQLite says when another process holds the file longer than its busy timeout."""
+BUSY_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def _patient(method):
+    """Call ``method`` again, after a growing and jittered pause, while the store says it is busy.
+
+    A refused SQLite transaction changed nothing (MLflow rolls it back), so calling again is safe,
+    also for a write."""
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        for delay in BUSY_RETRY_DELAYS_S:
+            try:
+                return method(*args, **kwargs)
+            except MlflowException as error:
+                if not any(message in str(error) for message in BUSY_STORE):
+                    raise
+                time.sleep(delay * random.uniform(0.5, 1.5))
+        return method(*args, **kwargs)
+
+    return call
+
+
+class TrackingClient(MlflowClient):
+    """An MLflow client that waits out a busy store.
+
+    The training processes, workers and launcher of a sweep on one machine all write one SQLite
+    file; under load (a slow disk, many cells) one of them can wait past SQLite's busy timeout and be
+    refused with "database is locked". That is a wait, not a failure: the calls mta-lab makes are
+    repeated for about half a minute before the error is let through."""
+
+
+for _name in (
+    "create_experiment", "get_experiment_by_name", "create_run", "update_run", "get_run", "search_runs",
+    "get_metric_history", "log_batch", "set_tag", "delete_tag", "set_terminated", "log_text",
+    "log_figure", "log_table", "log_artifact",
+):  # fmt: skip
+    setattr(TrackingClient, _name, _patient(getattr(MlflowClient, _name)))
 
 
 # Characters MLflow refuses in a param name (it allows word characters, - . space : /).
@@ -71,11 +117,6 @@ def flat_params(config: object, prefix: str = "") -> dict[str, str]:
 
     walk(OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True), prefix)
     return flat
-
-
-def config_hash(config: RunConfig) -> str:
-    """Identity of what a run does: sha256 of its resolved YAML (16 hex digits)."""
-    return hashlib.sha256(resolved_yaml(config).encode()).hexdigest()[:16]
 
 
 def git_state() -> tuple[str | None, bool | None]:
@@ -134,7 +175,7 @@ class RunRecord:
     @classmethod
     def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> RunRecord:
         quiet_mlflow()
-        client = MlflowClient(tracking_uri)
+        client = TrackingClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -143,7 +184,7 @@ class RunRecord:
     @classmethod
     def reopen(cls, tracking_uri: str, run_id: str) -> RunRecord:
         quiet_mlflow()
-        client = MlflowClient(tracking_uri)
+        client = TrackingClient(tracking_uri)
         client.update_run(run_id, status="RUNNING")
         return cls(client, run_id)
 
