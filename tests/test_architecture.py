@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -11,13 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("lightning", "pytorch_lightning", "optuna", "mlflow", "polars")
 
 
-def test_model_library_imports_no_framework():
+def _frameworks_loaded_by(module: str) -> list[str]:
     probe = (
-        "import sys, mta_lab.model; "
-        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({FRAMEWORKS!r})))"
+        f"import sys, {module}; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({(*FRAMEWORKS, 'torch')!r})))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+    return ast.literal_eval(result.stdout)
+
+
+def test_model_library_imports_no_framework():
+    assert _frameworks_loaded_by("mta_lab.model") == ["torch"]
+
+
+def test_configs_and_sweep_files_are_read_without_torch_or_a_framework():
+    """Parsing a sweep (what --dry-run and status do first) must not pay for torch, Lightning or MLflow."""
+    assert _frameworks_loaded_by("mta_lab.config") == []
+    assert _frameworks_loaded_by("mta_lab.sweep.spec") == []
 
 
 def _imports(package: str, nested: bool) -> list[tuple[str, str]]:
@@ -58,3 +69,39 @@ def test_ci_runs_the_readme_test_command():
     ]
     assert len(commands) == 1, "the README shows exactly one test command"
     assert commands[0] in (ROOT / ".ci" / "run").read_text()
+
+
+LAYERS = (
+    "config",
+    "secrets",
+    "kernels",
+    "model",
+    "data",
+    "tasks",
+    "assembly",
+    "train",
+    "sweep",
+    "analysis",
+    "cli",
+)
+"""mta_lab's rooms from the bottom up: each may import only those below it, never one above."""
+
+
+def test_every_import_between_packages_points_down():
+    rooms = {
+        path.stem if path.parent.name == "mta_lab" else path.parent.name
+        for path in (ROOT / "mta_lab").glob("*/")
+    }
+    rooms |= {
+        path.stem for path in (ROOT / "mta_lab").glob("*.py") if path.stem not in ("__init__", "__main__")
+    }
+    assert rooms - {"__pycache__"} == set(LAYERS), "a new package needs its place in LAYERS"
+    upward = []
+    for path in (ROOT / "mta_lab").rglob("*.py"):
+        inside = path.relative_to(ROOT / "mta_lab").parts
+        room = inside[0].removesuffix(".py")
+        for line in path.read_text().splitlines():
+            found = re.match(r"^\s*(?:from|import) mta_lab\.(\w+)", line)
+            if found and found.group(1) != room and LAYERS.index(found.group(1)) > LAYERS.index(room):
+                upward.append(f"{'/'.join(inside)}: {line.strip()}")
+    assert upward == []

@@ -141,6 +141,8 @@ BAD_OVERRIDES = {
         ["depth_scaling", "needs norm=true"],
     ),
     "dropout out of range": (["model.dropout=1.5"], ["model.dropout", "[0, 1)"]),
+    "dropout of 1 (drops everything)": (["model.dropout=1.0"], ["model.dropout", "[0, 1)"]),
+    "negative dropout": (["model.dropout=-0.1"], ["model.dropout", "[0, 1)"]),
     "not key=value": (["model.dim"], ["expected key=value"]),
 }
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mta_lab.assembly.mixture import BLOCK, Mixture, collate
 from mta_lab.data.datasets import TokenSplit, open_dataset, prepare_dataset
 from mta_lab.data.documents import Document, builtin_documents, read_documents, split_documents
 from mta_lab.data.errors import DataError
-from mta_lab.data.mixture import BLOCK, Mixture, collate
 from mta_lab.data.tokenizers import ByteTokenizer, CharTokenizer, cached_bpe
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from mta_lab.assembly.run_data import Corpus, RunData
 from mta_lab.config import load_config
 from mta_lab.data.datasets import Dataset, TokenSplit
-from mta_lab.data.run_data import Corpus, RunData
 from mta_lab.data.tokenizers import ByteTokenizer
 from mta_lab.tasks.base import Example, Task
 from mta_lab.train.evaluate import Evaluator, masked_mean_nll

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import MTA_STAGES, every_stage_mta
 
 from mta_lab.config import (
+    DepthScaling,
     GateKind,
     KernelInit,
     ModelConfig,
@@ -190,3 +191,20 @@ def test_untied_output_and_kernel_inits_build():
             config = every_stage_config()
             config.mta.pre_qk_conv = QKConvConfig(query_kernel=2, key_kernel=3, init=init)
             assert torch.isfinite(Transformer(config)(torch.zeros(1, 4, dtype=torch.long))).all()
+
+
+@pytest.mark.parametrize(
+    ("scaling", "factors"),
+    [
+        # Hand values: inverse_sqrt is 1 / sqrt(layer + 1); diff is 0.2 + 0.6 exp(-0.3 layer) (spec 1.5).
+        (DepthScaling.inverse_sqrt, [1.0, 0.7071068, 0.5773503]),
+        (DepthScaling.diff, [0.8, 0.6444909, 0.5292870]),
+    ],
+)
+def test_prenorm_scaling_scales_each_layer_by_its_own_depth(scaling, factors):
+    model = Transformer(every_stage_config(n_layers=3, prenorm_scaling=scaling)).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    plain = x / x.pow(2).mean(-1, keepdim=True).add(model.config.norm_eps).sqrt()
+    for block, factor in zip(model.layers, factors, strict=True):
+        for norm in (block.attention_norm, block.ffn_norm):
+            torch.testing.assert_close(norm(x), plain * factor, rtol=1e-6, atol=1e-9)

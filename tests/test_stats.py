@@ -76,6 +76,31 @@ def test_holm_by_hand():
     assert holm([0.6, 0.9]) == [pytest.approx(1.0), pytest.approx(1.0)]
 
 
+def test_compare_corrects_across_its_variants():
+    """Three variants: each p_holm is Holm's adjustment of the three p_t, recomputed here by hand, so
+    a variant that would pass uncorrected (p_t < 0.05) is "better" only if it survives the correction."""
+    base = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    shifts = {
+        "a": [-0.30, -0.32, -0.29, -0.31],
+        "b": [-0.20, -0.08, -0.30, -0.12],
+        "c": [0.1, -0.2, 0.05, -0.1],
+    }
+    values = {"baseline": base} | {k: {s: base[s] + d for s, d in enumerate(v)} for k, v in shifts.items()}
+    table = compare(frame(values), "val/loss", Goal.minimize)
+    p = {k: stats.ttest_rel(np.array(shifts[k]), np.zeros(4)).pvalue for k in shifts}
+    order = sorted(p, key=p.get)  # step-down: the smallest p times 3, the next times 2, then times 1
+    adjusted, running = {}, 0.0
+    for rank, variant in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * p[variant]))
+        adjusted[variant] = running
+    for variant in shifts:
+        assert row(table, variant)["p_t"] == pytest.approx(p[variant], rel=1e-6)
+        assert row(table, variant)["p_holm"] == pytest.approx(adjusted[variant], rel=1e-6)
+    assert p["b"] < 0.05 < adjusted["b"]  # b passes uncorrected (p 0.037) and not after (x 2 = 0.073)
+    assert row(table, "a")["verdict"] == "better"
+    assert row(table, "b")["verdict"].startswith("no detectable difference")
+
+
 def test_seeds_for_power_matches_gpower():
     # G*Power, paired t-test, two-sided alpha 0.05, power 0.8: d_z 0.5 -> 34, 0.8 -> 15, 1.0 -> 10.
     assert [seeds_for_power(d) for d in (0.5, 0.8, 1.0, -1.0)] == [34, 15, 10, 10]

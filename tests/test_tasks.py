@@ -155,8 +155,8 @@ def test_metric_names_and_values_per_cell():
 def test_every_task_logs_exactly_the_metrics_its_config_declares():
     # What a sweep may name as its metric is checked against the configs' declared names before
     # anything trains; here the tasks themselves score their held-out sets and say what they log.
+    from mta_lab.assembly.run_data import load_run_data
     from mta_lab.config import load_config
-    from mta_lab.data.run_data import load_run_data
 
     config = load_config(
         "tiny",

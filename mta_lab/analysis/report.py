@@ -233,8 +233,7 @@ def _budget(finished: pl.DataFrame) -> str:
 def _search_figures(sweep, storage: str | None, runs_dir: Path) -> dict[str, Figure | None]:
     import optuna
 
-    from mta_lab.sweep.launcher import open_study
-    from mta_lab.sweep.storage import default_storage
+    from mta_lab.sweep.storage import default_storage, open_study
 
     try:
         study = open_study(

@@ -45,6 +45,16 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

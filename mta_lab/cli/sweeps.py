@@ -40,6 +40,13 @@ def register(commands) -> None:
         "machine give the shared --storage (postgresql://...) and --tracking-uri (http://...).",
     )
     worker.add_argument("sweep", metavar="NAME", help="the sweep's name (or a sweep file)")
+    worker.add_argument(
+        "--index",
+        type=common.nonnegative_int,
+        default=0,
+        help="this worker's number k: a search's sampler uses seed + k, so give each worker of a sweep "
+        "its own (the launcher numbers its own 0, 1, ...; default 0)",
+    )
     _add_profile_and_stores(worker)
     worker.set_defaults(run=_worker)
 
@@ -146,17 +153,16 @@ def _worker(args: argparse.Namespace) -> int:
     context = Context.load(study, args.tracking_uri, sweep_dir)
     study.pruner = make_pruner(context.sweep.spec)  # Optuna keeps no pruner with the study
     search = context.sweep.spec.search
-    if search is not None:  # seeded per process, so that workers propose different points
-        study.sampler = optuna.samplers.TPESampler(seed=search.seed + os.getpid() % 1000)
+    if search is not None:  # worker k uses seed + k: different points per worker, the same on a rerun
+        study.sampler = optuna.samplers.TPESampler(seed=search.seed + args.index)
     run_worker(study, context)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from mta_lab.sweep.launcher import open_study
     from mta_lab.sweep.spec import expand, load_sweep
     from mta_lab.sweep.status import status_table
-    from mta_lab.sweep.storage import default_storage
+    from mta_lab.sweep.storage import default_storage, open_study
 
     sweep = load_sweep(args.sweep, args.profile)
     sweep_dir = (args.runs_dir / "sweeps" / sweep.study_name).resolve()

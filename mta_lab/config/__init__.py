@@ -1,6 +1,6 @@
 """Typed configuration (OmegaConf structured dataclasses). Imports no torch: every layer may use it."""
 
-from mta_lab.config.loading import ConfigError, load_config, preset_names, resolved_yaml
+from mta_lab.config.loading import ConfigError, config_hash, load_config, preset_names, resolved_yaml
 from mta_lab.config.model import (
     AttentionKernel,
     ConfigFieldError,
@@ -36,6 +36,7 @@ __all__ = [
     "QKConvConfig",
     "RunConfig",
     "ScoreConvKernel",
+    "config_hash",
     "load_config",
     "preset_names",
     "resolved_yaml",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,11 @@ def _merge_layer_by_layer(layers: list[_Layer]) -> DictConfig:
 def resolved_yaml(config: RunConfig) -> str:
     """The fully resolved config as YAML: what a run actually used, every default included."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def config_hash(config: RunConfig) -> str:
+    """Identity of what a run does: sha256 of its resolved YAML (16 hex digits)."""
+    return hashlib.sha256(resolved_yaml(config).encode()).hexdigest()[:16]
 
 
 def _file_layers(ref: str, relative_to: Path | None, chain: tuple[Path, ...]) -> list[_Layer]:

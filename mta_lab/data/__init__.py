@@ -1,1 +1,1 @@
-"""Data: tokenizers, documents, prepared datasets, and the training mixture."""
+"""Data: tokenizers, documents and prepared datasets (the training mixture is `mta_lab.assembly`)."""

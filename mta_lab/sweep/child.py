@@ -18,8 +18,8 @@ PROGRESS_FILE = "progress.jsonl"
 
 
 def main(argv: list[str]) -> int:
+    from mta_lab.assembly.run_data import load_run_data
     from mta_lab.config import load_config
-    from mta_lab.data.run_data import load_run_data
     from mta_lab.secrets import TRACKING_ENV
     from mta_lab.train.run import CONFIG_FILE, RUN_FILE, fit_run
     from mta_lab.train.tracking import JsonlLogger, RunRecord, SilentRecord

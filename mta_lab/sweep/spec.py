@@ -16,11 +16,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mta_lab.config import ConfigError, RunConfig, load_config
+from mta_lab.config import ConfigError, RunConfig, config_hash, load_config
 from mta_lab.config.loading import _describe_merge_error, _failing_node, bundled_dir
 from mta_lab.config.model import ConfigFieldError
 from mta_lab.config.sweep import Design, SweepSpec
-from mta_lab.train.tracking import config_hash
 
 
 class Profile(str, Enum):

@@ -1,4 +1,4 @@
-"""Where a sweep's Optuna study lives.
+"""Where a sweep's Optuna study lives, and opening it.
 
 - one machine, default: a journal file (``journal:PATH``), safe for many processes;
 - ``sqlite:///PATH``: fine for one or two workers;
@@ -23,8 +23,9 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from mta_lab.config import ConfigError
-from mta_lab.config.sweep import PrunerKind, SweepSpec
+from mta_lab.config.sweep import Goal, PrunerKind, SweepSpec
 from mta_lab.secrets import mask
+from mta_lab.sweep.spec import Sweep
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,27 @@ HEARTBEAT_S = int(os.environ.get("MTA_LAB_HEARTBEAT_S", "30"))
 """Seconds between a worker's heartbeats on a database storage ($MTA_LAB_HEARTBEAT_S)."""
 GRACE_S = 4 * HEARTBEAT_S  # > 3 heartbeats: a long evaluation must not get a live trial failed
 RETRIES = 3
+
+
+def open_study(sweep: Sweep, storage: str, create: bool = False) -> optuna.Study:
+    """The sweep's study at ``storage``; created with ``create``, else it must exist (one clear line)."""
+    direction = "minimize" if sweep.spec.metric.goal == Goal.minimize else "maximize"
+    sampler = optuna.samplers.TPESampler(seed=sweep.spec.search.seed) if sweep.spec.search else None
+    backend = open_storage(storage)
+    if create:
+        return optuna.create_study(
+            study_name=sweep.study_name,
+            storage=backend,
+            direction=direction,
+            sampler=sampler,
+            load_if_exists=True,
+        )
+    try:
+        return optuna.load_study(study_name=sweep.study_name, storage=backend, sampler=sampler)
+    except KeyError:
+        raise ConfigError(
+            f"no study '{sweep.study_name}' at {mask(storage)}: run `mta-lab sweep {sweep.spec.name}` first"
+        ) from None
 
 
 def default_storage(sweep_dir: Path) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mta_lab.data.run_data import RunData
+from mta_lab.assembly.run_data import RunData
 from mta_lab.tasks import Cell, Example, Tally
 
 ROW_TOKEN_BUDGET = 1 << 16

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mta_lab.assembly.mixture import CorpusRows, Mixture, TaskRows
 from mta_lab.config import RunConfig
 from mta_lab.config.data import TokenizerKind
 from mta_lab.data.datasets import Dataset, TokenSplit, builtin_dataset, open_dataset
 from mta_lab.data.documents import Document, builtin_documents, split_documents
 from mta_lab.data.errors import DataError
-from mta_lab.data.mixture import CorpusRows, Mixture, TaskRows
 from mta_lab.data.tokenizers import BPETokenizer, Tokenizer, cached_bpe, fixed_tokenizer
 from mta_lab.tasks import HAYSTACK_TASKS, Haystack, Task, build_task
 
