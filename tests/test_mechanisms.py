@@ -117,3 +117,25 @@ def test_depth_scaling_values():
     assert depth_scale(DepthScaling.inverse_sqrt, 3) == pytest.approx(0.5)
     assert depth_scale(DepthScaling.none, 7) == 1.0
     assert depth_scale(DepthScaling.diff, 4) == pytest.approx(0.2 + 0.6 * math.exp(-1.2))
+
+
+@pytest.mark.parametrize(
+    ("padding", "ones"),
+    [
+        # 3x5 kernel. "both": the official diagonal b - a = (5+1)//2 - 3 = 0. One-sided padding: the diagonal
+        # moves with the padding so that it still ends at the (current query, same key) tap, (2, left pad).
+        (KeyPadding.both, [(0, 0), (1, 1), (2, 2)]),
+        (KeyPadding.left, [(0, 2), (1, 3), (2, 4)]),
+        (KeyPadding.right, [(2, 0)]),
+    ],
+)
+def test_diagonal_init_passes_through_the_identity_tap(padding, ones):
+    from mta_lab.model.init import qk_kernel_
+
+    config = QKConvConfig(query_kernel=3, key_kernel=5, key_padding=padding, init=KernelInit.diagonal)
+    weight = torch.full((2, 3, 5), 7.0)
+    qk_kernel_(weight, config)
+    expected = torch.zeros(2, 3, 5)
+    for a, b in ones:
+        expected[:, a, b] = 1.0
+    torch.testing.assert_close(weight, expected)

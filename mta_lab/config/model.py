@@ -57,7 +57,13 @@ class KernelInit(str, Enum):
     normal = "normal"
     """N(0, s) truncated at +-3s, s = ``init_scale`` (default 0.3); the official code's intent."""
     diagonal = "diagonal"
-    """Ones on the diagonal through the identity tap: sums A[i-k, j-k] over k ("sequence matcher")."""
+    """Ones on the diagonal through the identity tap: sums A[i-k, j-k] over k ("sequence matcher").
+
+    With ``both`` key padding this is the official diagonal, b - a = (c_k+1)//2 - c_q (spec 1.7). With
+    one-sided (``left``/``right``) padding we depart from the official code on purpose. The official code
+    keeps that same diagonal whatever the padding, so it would no longer pass through (current query,
+    same key). It would then match a sequence shifted by the padding rather than the one ending at the
+    current cell. Here the diagonal follows the padding and always passes through that tap."""
 
 
 class DepthScaling(str, Enum):
