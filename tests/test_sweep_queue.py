@@ -52,3 +52,18 @@ def test_a_cell_done_or_running_elsewhere_is_not_trained_again():
     assert _duplicate_of(study, newcomer, "cell-g") is None  # the pid was reused: its worker is gone
     assert _duplicate_of(study, done.number, "cell-a") is None  # a trial is not its own duplicate
     assert newcomer not in (dead.number, reused.number)
+
+
+def test_a_dead_workers_trial_is_failed_once_with_its_reason():
+    """Pins the one call into Optuna's private storage API (``fail_trial``)."""
+    from mta_lab.sweep.storage import fail_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.ask()
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert fail_trial(study, running, "its worker died")
+    (failed,) = study.get_trials()
+    assert failed.state == TrialState.FAIL and failed.user_attrs["error"] == "its worker died"
+    assert not fail_trial(study, running, "again")  # already ended: left as it is
+    assert study.get_trials()[0].user_attrs["error"] == "its worker died"

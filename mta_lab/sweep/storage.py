@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.trial import FrozenTrial, TrialState
 
 from mta_lab.config import ConfigError
 from mta_lab.config.sweep import Goal, PrunerKind, SweepSpec
@@ -54,6 +55,20 @@ def open_study(sweep: Sweep, storage: str, create: bool = False) -> optuna.Study
         raise ConfigError(
             f"no study '{sweep.study_name}' at {mask(storage)}: run `mta-lab sweep {sweep.spec.name}` first"
         ) from None
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """Fail a RUNNING trial that another process owned, with ``reason`` as its ``error`` attribute.
+    False if it had already ended (another worker or launcher got there first).
+
+    Optuna's public API ends another process's trial (``tell`` by number) but cannot set its attributes;
+    this is the one place mta-lab reaches into Optuna's storage, pinned by ``tests/test_sweep_queue.py``."""
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
+        study.tell(trial.number, state=TrialState.FAIL)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        return False
+    return True
 
 
 def default_storage(sweep_dir: Path) -> str:

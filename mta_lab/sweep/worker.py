@@ -34,6 +34,7 @@ from mta_lab.config.sweep import Distribution, SweepSpec
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.sweep.child import PROGRESS_FILE
 from mta_lab.sweep.spec import Cell, Profile, Sweep, search_cell
+from mta_lab.sweep.storage import fail_trial
 from mta_lab.sweep.tracking import client_for, create_child, find_child
 from mta_lab.train.run import CONFIG_FILE, RUN_FILE
 from mta_lab.train.signals import stop_once
@@ -314,11 +315,7 @@ def recover_orphans(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
         if worker and worker["host"] == socket.gethostname() and not _alive(trial):
-            # Optuna has no public call to end another process's trial; its storage API does it.
-            try:
-                study._storage.set_trial_user_attr(trial._trial_id, "error", "its worker died")
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
+            if not fail_trial(study, trial, "its worker died"):
                 continue  # another worker or launcher got there first, and requeued it
             if "cell" in trial.user_attrs:  # an ablation's cell; a search samples a new point instead
                 keep = ("cell", "label", "seed", "role", "axis", "config")
