@@ -67,3 +67,25 @@ def test_a_dead_workers_trial_is_failed_once_with_its_reason():
     assert failed.state == TrialState.FAIL and failed.user_attrs["error"] == "its worker died"
     assert not fail_trial(study, running, "again")  # already ended: left as it is
     assert study.get_trials()[0].user_attrs["error"] == "its worker died"
+
+
+def test_each_cell_is_queued_once_and_again_only_after_it_failed():
+    from mta_lab.sweep.launcher import enqueue
+    from mta_lab.sweep.spec import Profile, expand, load_sweep
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep = load_sweep("toy_block", Profile.cpu)
+    cells = expand(sweep)  # 2 variants x 3 seeds
+    study = optuna.create_study()
+    assert enqueue(study, sweep, cells) == ([], 6)
+    assert enqueue(study, sweep, cells) == ([], 0)  # a second launcher adds nothing
+    finished, crashed = study.ask(), study.ask()  # workers take the first two cells
+    study.tell(finished, 0.5)
+    study.tell(crashed, state=TrialState.FAIL)
+    done, queued = enqueue(study, sweep, cells)
+    assert [c.config_hash for c in done] == [finished.user_attrs["cell"]]
+    assert queued == 1  # the failed cell, once; the finished one never, the waiting ones not again
+    waiting = [t.user_attrs["cell"] for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert sorted(waiting) == sorted(
+        c.config_hash for c in cells if c.config_hash != finished.user_attrs["cell"]
+    )
