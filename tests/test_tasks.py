@@ -175,3 +175,12 @@ def test_every_task_logs_exactly_the_metrics_its_config_declares():
         logged |= set(task.metrics(tallies))
     declared = {m for m in config.logged_metrics() if m.split("/")[0] in run_data.tasks}
     assert logged == declared and "niah/acc/needles_4/depth_50/context_512" in declared
+
+
+def test_every_task_config_has_a_task_and_every_task_a_config():
+    import dataclasses
+
+    from mta_lab.config.data import TasksConfig
+    from mta_lab.tasks import TASKS
+
+    assert [f.name for f in dataclasses.fields(TasksConfig)] == list(TASKS)

@@ -6,7 +6,7 @@ a corpus (loss on every token) or one task example (loss on its answer only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 from mta_lab.config.model import _check
@@ -252,7 +252,8 @@ class TasksConfig:
     """Multi-query associative recall."""
 
     def enabled(self) -> dict[str, ToyBlockConfig | NeedleConfig | BabiLongConfig | MQARConfig]:
-        tasks = {"toy_block": self.toy_block, "niah": self.niah, "babilong": self.babilong, "mqar": self.mqar}
+        """The tasks that are on, by field name (the name `mta_lab.tasks.TASKS` builds them by)."""
+        tasks = {f.name: getattr(self, f.name) for f in fields(self)}
         return {name: task for name, task in tasks.items() if task is not None}
 
 
