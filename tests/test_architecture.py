@@ -105,3 +105,17 @@ def test_every_import_between_packages_points_down():
             if found and found.group(1) != room and LAYERS.index(found.group(1)) > LAYERS.index(room):
                 upward.append(f"{'/'.join(inside)}: {line.strip()}")
     assert upward == []
+
+
+def test_no_package_uses_another_packages_private_names():
+    """A leading underscore is private to its package: other packages use what it exports."""
+    offenders = []
+    for path in (ROOT / "mta_lab").rglob("*.py"):
+        room = path.relative_to(ROOT / "mta_lab").parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mta_lab."):
+                source = node.module.split(".")[1]
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                if source != room and private:
+                    offenders.append(f"{path.name}: from {node.module} import {', '.join(private)}")
+    assert offenders == []

@@ -83,11 +83,11 @@ def _merge(layers: list[_Layer], name: str) -> RunConfig:
     try:
         config = OmegaConf.to_object(merged)
     except ConfigFieldError as error:
-        node = _failing_node(merged)
+        node = failing_node(merged)
         key = f"{node}.{error.field}" if node else error.field
         raise ConfigError(f"{_source_of(key, layers)}: {key}: {error.message}") from None
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{name}: {_describe_merge_error(error)}") from None
+        raise ConfigError(f"{name}: {describe_merge_error(error)}") from None
     assert isinstance(config, RunConfig)
     return config
 
@@ -104,7 +104,7 @@ def _merge_layer_by_layer(layers: list[_Layer]) -> DictConfig:
         try:
             merged = OmegaConf.merge(merged, layer.content)
         except OmegaConfBaseException as error:
-            raise ConfigError(f"{layer.source}: {_describe_merge_error(error)}") from None
+            raise ConfigError(f"{layer.source}: {describe_merge_error(error)}") from None
     return merged
 
 
@@ -179,7 +179,7 @@ def _override_layer(item: str) -> _Layer:
         raise ConfigError(f"{source}: cannot parse: {str(error).splitlines()[0]}") from None
 
 
-def _describe_merge_error(error: OmegaConfBaseException) -> str:
+def describe_merge_error(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or "?"
     schema = getattr(error, "object_type", None)
     if isinstance(error, ConfigKeyError) and schema is not None and dataclasses.is_dataclass(schema):
@@ -192,12 +192,12 @@ def _describe_merge_error(error: OmegaConfBaseException) -> str:
     return f"{key}: {message}"
 
 
-def _failing_node(node: DictConfig, path: str = "") -> str | None:
+def failing_node(node: DictConfig, path: str = "") -> str | None:
     """The dotted path of the deepest dataclass node whose validation fails (children first)."""
     for key in node:
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none():
-            found = _failing_node(child, f"{path}.{key}" if path else str(key))
+            found = failing_node(child, f"{path}.{key}" if path else str(key))
             if found is not None:
                 return found
     try:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mta_lab.config import ConfigError, RunConfig, config_hash, load_config
-from mta_lab.config.loading import _describe_merge_error, _failing_node, bundled_dir
+from mta_lab.config.loading import bundled_dir, describe_merge_error, failing_node
 from mta_lab.config.model import ConfigFieldError
 from mta_lab.config.sweep import Design, SweepSpec
 
@@ -160,9 +160,9 @@ def _profile_spec(raw: DictConfig, profile: Profile, source: str, path: Path) ->
         merged = OmegaConf.merge(OmegaConf.structured(SweepSpec), raw)
         spec = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{where}: {_describe_merge_error(error)}") from None
+        raise ConfigError(f"{where}: {describe_merge_error(error)}") from None
     except ConfigFieldError as error:
-        node = _failing_node(merged)
+        node = failing_node(merged)
         key = f"{node}.{error.field}" if node else error.field
         raise ConfigError(f"{where}: {key}: {error.message}") from None
     if not spec.name:
