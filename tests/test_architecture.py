@@ -80,6 +80,7 @@ LAYERS = (
     "tasks",
     "assembly",
     "train",
+    "bench",
     "sweep",
     "analysis",
     "cli",

@@ -114,7 +114,7 @@ def test_bench_kernels_checks_each_kernel_against_its_definition(monkeypatch, ca
 
 def test_bench_attention_measures_memory_on_cpu_too():
     """The tiled path's maps hold 128 query rows (plus the convolutions' halo), the reference's all 384."""
-    from mta_lab.train.bench_attention import Shape, bench_attention
+    from mta_lab.bench.attention import Shape, bench_attention
 
     shape = Shape(batch=1, heads=2, seq_len=384, head_dim=8, dtype=torch.float32)
     timings = bench_attention(["paper-layer"], ["reference", "tiled"], shape, 1, torch.device("cpu"))
@@ -124,7 +124,7 @@ def test_bench_attention_measures_memory_on_cpu_too():
 
 def test_cpu_memory_is_the_peak_of_live_tensors():
     """Hand-counted: two 4000-byte tensors alive at once at most; views and in-place results are free."""
-    from mta_lab.train.bench_attention import _LiveBytes
+    from mta_lab.bench.attention import _LiveBytes
 
     with torch.no_grad(), _LiveBytes() as tracker:
         a = torch.ones(1000)  # 4000 bytes live

@@ -332,7 +332,7 @@ def test_full_size_fused_layer_matches_the_reference_on_gpu(name, path):
     """The issue's shape (H=16, T=2048, d=64, bf16; batch 2 to keep the reference's maps small): the
     fused path, or the tiled path with the Triton convolutions, against the reference path computed
     in fp32, outputs and gradients."""
-    from mta_lab.train.bench_attention import LAYERS
+    from mta_lab.bench.attention import LAYERS
 
     config = ModelConfig(
         dim=16 * 64, n_heads=16, n_layers=1, mta=LAYERS[name](), attention_kernel=AttentionKernel.fused

@@ -129,7 +129,7 @@ def _shape_arguments(parser: argparse.ArgumentParser, cpu: str) -> None:
 def _shape(args: argparse.Namespace, gpu: bool):
     import torch
 
-    from mta_lab.train.bench_attention import Shape
+    from mta_lab.bench.attention import Shape
 
     batch, heads, seq_len, head_dim = (8, 16, 2048, 64) if gpu else args.cpu_shape
     return Shape(
@@ -233,7 +233,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _bench_train(args: argparse.Namespace) -> int:
-    from mta_lab.train.bench import VARIANTS, measure_isolated, variant_config
+    from mta_lab.bench.train import VARIANTS, measure_isolated, variant_config
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -287,7 +287,7 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 def _bench_attention(args: argparse.Namespace) -> int:
 
-    from mta_lab.train.bench_attention import LAYERS, PATHS, bench_attention
+    from mta_lab.bench.attention import LAYERS, PATHS, bench_attention
     from mta_lab.train.device import training_device
 
     unknown = sorted(set(args.layers) - set(LAYERS))
@@ -350,9 +350,9 @@ def _describe_shape(shape) -> str:
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:
+    from mta_lab.bench.kernels import KERNELS, bench_kernels
     from mta_lab.config import QKConvConfig
     from mta_lab.kernels import band_flash
-    from mta_lab.train.bench_kernels import KERNELS, bench_kernels
     from mta_lab.train.device import training_device
 
     unknown = sorted(set(args.kernels) - set(KERNELS))

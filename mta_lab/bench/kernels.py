@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from mta_lab.bench.attention import Shape, median_ms
 from mta_lab.config import QKConvConfig
-from mta_lab.train.bench_attention import Shape, median_ms
 
 KERNELS = ("band-attention", "score-conv", "diagonals")
 TOLERANCE = 2e-2
