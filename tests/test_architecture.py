@@ -74,6 +74,7 @@ def test_ci_runs_the_readme_test_command():
 LAYERS = (
     "config",
     "secrets",
+    "infra",
     "kernels",
     "model",
     "data",

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from mta_lab.train.signals import Interrupted, stop_once
+from mta_lab.infra.signals import Interrupted, stop_once
 
 
 def test_the_first_signal_interrupts_and_later_ones_do_not_cut_the_cleanup_short():

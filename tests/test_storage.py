@@ -31,7 +31,7 @@ def test_a_torn_or_garbled_journal_keeps_its_sound_records(tmp_path, caplog):
 def test_a_busy_mlflow_store_is_waited_out_and_other_errors_are_not(monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from mta_lab.train import tracking
+    from mta_lab.infra import tracking
 
     pauses = []
     monkeypatch.setattr(tracking.time, "sleep", pauses.append)

@@ -237,7 +237,7 @@ def test_every_shipped_sweep_records_its_settings_in_a_real_mlflow_store(tmp_pat
     # characters MLflow refuses in a param name (head_groups could not start before they were replaced).
     from mlflow.tracking import MlflowClient
 
-    from mta_lab.train.tracking import RunRecord, flat_params
+    from mta_lab.infra.tracking import RunRecord, flat_params
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("sweeps")

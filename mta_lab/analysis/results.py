@@ -17,10 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from mta_lab.config import ConfigError
 from mta_lab.config.sweep import Goal
+from mta_lab.infra.tracking import resolve_tracking_uri
 from mta_lab.secrets import mask
 from mta_lab.sweep.spec import Profile, Sweep, load_sweep
 from mta_lab.sweep.tracking import child_runs, client_for, find_parent
-from mta_lab.train.tracking import resolve_tracking_uri
 
 IDENTITY = [
     "run_id",

@@ -173,7 +173,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from mta_lab.train.tracking import resolve_tracking_uri
+    from mta_lab.infra.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))

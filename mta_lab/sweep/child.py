@@ -20,9 +20,10 @@ PROGRESS_FILE = "progress.jsonl"
 def main(argv: list[str]) -> int:
     from mta_lab.assembly.run_data import load_run_data
     from mta_lab.config import load_config
+    from mta_lab.infra.tracking import RunRecord, SilentRecord
     from mta_lab.secrets import TRACKING_ENV
+    from mta_lab.train.loggers import JsonlLogger
     from mta_lab.train.run import CONFIG_FILE, RUN_FILE, fit_run
-    from mta_lab.train.tracking import JsonlLogger, RunRecord, SilentRecord
 
     run_dir = Path(argv[0])
     info = json.loads((run_dir / RUN_FILE).read_text())

@@ -30,6 +30,8 @@ from rich.table import Table
 from mta_lab.assembly.run_data import load_run_data
 from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.sweep import Distribution, Goal
+from mta_lab.infra.signals import stop_once
+from mta_lab.infra.tracking import RunRecord, flat_params, resolve_tracking_uri
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.progress import SweepProgress
 from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
@@ -37,8 +39,6 @@ from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_study
 from mta_lab.sweep.tracking import child_runs, client_for, experiment_id, parent_run
 from mta_lab.sweep.worker import recover_orphans
-from mta_lab.train.signals import stop_once
-from mta_lab.train.tracking import RunRecord, flat_params, resolve_tracking_uri
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from mta_lab.infra.tracking import RunRecord, TrackingClient, quiet_mlflow
 from mta_lab.sweep.spec import Cell, Sweep
-from mta_lab.train.tracking import RunRecord, TrackingClient, quiet_mlflow
 
 
 def client_for(tracking_uri: str) -> MlflowClient:

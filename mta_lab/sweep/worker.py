@@ -31,13 +31,13 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.loading import load_config_text
 from mta_lab.config.sweep import Distribution, SweepSpec
+from mta_lab.infra.signals import stop_once
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.sweep.child import PROGRESS_FILE
 from mta_lab.sweep.spec import Cell, Profile, Sweep, search_cell
 from mta_lab.sweep.storage import fail_trial
 from mta_lab.sweep.tracking import client_for, create_child, find_child
 from mta_lab.train.run import CONFIG_FILE, RUN_FILE
-from mta_lab.train.signals import stop_once
 
 POLL_S = 0.5
 WAIT_S = 5.0

@@ -30,19 +30,13 @@ from mta_lab.assembly.run_data import RunData, load_run_data
 from mta_lab.config import ConfigError, RunConfig, load_config, resolved_yaml
 from mta_lab.config.train import Precision
 from mta_lab.data.errors import DataError
+from mta_lab.infra.signals import stop_once
+from mta_lab.infra.tracking import RunRecord, config_hash, flat_params, manifest, resolve_tracking_uri
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.train.device import training_device
 from mta_lab.train.evaluate import Evaluator
+from mta_lab.train.loggers import MlflowLogger
 from mta_lab.train.module import LanguageModel
-from mta_lab.train.signals import stop_once
-from mta_lab.train.tracking import (
-    MlflowLogger,
-    RunRecord,
-    config_hash,
-    flat_params,
-    manifest,
-    resolve_tracking_uri,
-)
 
 logger = logging.getLogger(__name__)
 
