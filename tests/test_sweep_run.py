@@ -13,10 +13,10 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import sweep_command
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from mta_lab.cli import main
+from mta_lab.infra.tracking import TrackingClient
 from mta_lab.sweep.storage import open_storage
 
 # Each test launches real sweeps (workers, child processes, stores): minutes each on 2 cores.
@@ -65,7 +65,7 @@ def study(path: Path, name: str = "grid", storage: str | None = None) -> optuna.
 
 
 def mlflow_runs(path: Path) -> tuple[list, list]:
-    client = MlflowClient(f"sqlite:///{path.parent}/mlflow.db")
+    client = TrackingClient(f"sqlite:///{path.parent}/mlflow.db")  # locked, as a sweep may be creating it
     experiment = client.get_experiment_by_name("grid").experiment_id
     runs = client.search_runs([experiment], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("mta.role") == "parent"]
@@ -73,11 +73,14 @@ def mlflow_runs(path: Path) -> tuple[list, list]:
     return parents, children
 
 
-def wait_for(predicate, timeout: float = 300) -> None:
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll until ``predicate()`` holds; fail at once, with its output, if ``process`` ends first."""
     deadline = time.time() + timeout
     while not predicate():
+        if process.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {process.returncode}) first:\n{process.communicate()[0]}")
         assert time.time() < deadline, "timed out"
-        time.sleep(0.1)
+        time.sleep(0.5)
 
 
 def test_two_workers_run_every_cell_once_with_the_mlflow_topology(tmp_path):
@@ -151,7 +154,7 @@ def test_a_killed_worker_loses_nothing_and_its_cell_resumes(tmp_path):
     )
     process = launch(path, wait=False)
     checkpoints = str(tmp_path / "runs/sweeps/grid/cells/*/checkpoints/last.ckpt")
-    wait_for(lambda: glob.glob(checkpoints))
+    wait_for(lambda: glob.glob(checkpoints), process)
     worker = subprocess.run(
         ["pgrep", "-f", f"mta_lab.cli worker grid .*{tmp_path}"], capture_output=True, text=True
     )
@@ -181,7 +184,7 @@ def test_ctrl_c_stops_everything_cleanly_and_resumes(tmp_path):
         )
     )
     process = launch(path, wait=False)
-    wait_for(lambda: glob.glob(str(tmp_path / "runs/sweeps/grid/cells/*/checkpoints/last.ckpt")))
+    wait_for(lambda: glob.glob(str(tmp_path / "runs/sweeps/grid/cells/*/checkpoints/last.ckpt")), process)
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 130, output

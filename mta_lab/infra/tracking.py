@@ -8,6 +8,7 @@ owns the run, in a ``finally``, so no run is left RUNNING by an error or an inte
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
@@ -19,6 +20,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -78,13 +81,44 @@ def _patient(method):
     return call
 
 
+_HELD_STORE_LOCKS: set[str] = set()
+
+
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold ``<file>.lock`` beside an SQLite store, so that one process at a time creates or migrates it.
+
+    MLflow creates and upgrades an SQLite store's schema when a client first opens it, with no lock of
+    its own: three processes opening a new file together fail in most tries (alembic's "Online
+    migration expected to match one row", "No such index"). A server or another database serialises
+    this itself, so only ``sqlite:///`` stores are locked. Re-entrant within a process, where a
+    launcher holds it around its whole set-up and opens clients inside."""
+    path = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else ""
+    key = str(Path(path + ".lock").resolve()) if path else ""
+    if not key or key in _HELD_STORE_LOCKS:
+        yield
+        return
+    Path(key).parent.mkdir(parents=True, exist_ok=True)
+    with open(key, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or its process dies
+        _HELD_STORE_LOCKS.add(key)
+        try:
+            yield
+        finally:
+            _HELD_STORE_LOCKS.discard(key)
+
+
 class TrackingClient(MlflowClient):
-    """An MLflow client that waits out a busy store.
+    """An MLflow client that opens its store under ``store_lock`` and waits out a busy store.
 
     The training processes, workers and launcher of a sweep on one machine all write one SQLite
     file; under load (a slow disk, many cells) one of them can wait past SQLite's busy timeout and be
     refused with "database is locked". That is a wait, not a failure: the calls mta-lab makes are
     repeated for about half a minute before the error is let through."""
+
+    def __init__(self, tracking_uri: str):
+        with store_lock(tracking_uri):
+            super().__init__(tracking_uri)  # MLflow opens the store here: creates or migrates its schema
 
 
 for _name in (

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from mta_lab.assembly.run_data import load_run_data
 from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.sweep import Distribution, Goal
 from mta_lab.infra.signals import stop_once
-from mta_lab.infra.tracking import RunRecord, flat_params, resolve_tracking_uri
+from mta_lab.infra.tracking import RunRecord, flat_params, resolve_tracking_uri, store_lock
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.progress import SweepProgress
 from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
@@ -241,16 +241,15 @@ def launch(
 
 @contextmanager
 def setup_lock(sweep_dir: Path, tracking_uri: str) -> Iterator[None]:
-    """One launcher at a time sets a sweep up on this machine: two creating a new SQLite MLflow store
-    at once can break it, and two finding no parent run would each create one."""
-    paths = [sweep_dir / "launch.lock"]
-    if tracking_uri.startswith("sqlite:///"):
-        paths.append(Path(tracking_uri.removeprefix("sqlite:///") + ".lock"))
-    with ExitStack() as stack:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fcntl.flock(stack.enter_context(path.open("a")), fcntl.LOCK_EX)  # released when closed
-        yield
+    """One launcher at a time sets a sweep up on this machine: two finding no parent run would each
+    create one. An SQLite store's own lock is held too, for launchers of one store with other run
+    directories."""
+    path = sweep_dir / "launch.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when closed
+        with store_lock(tracking_uri):
+            yield
 
 
 def _register(sweep, study, cells, uri, experiment, parent, console) -> int:
