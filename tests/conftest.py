@@ -11,23 +11,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from mta_lab.config import GateKind, HeadMixConfig, MTAConfig, OutNormConfig, QKConvConfig
-from mta_lab.model import Attention, plan_layers
-from mta_lab.model.layers import rope_tables
 
 # Without a GPU, Triton kernels run through Triton's interpreter (numpy on CPU); it must be switched on
-# before the kernels are defined, so before anything imports mta_lab.kernels.
+# before the kernels are defined, so before anything imports mta_lab.kernels (mta_lab.model does).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-MTA_STAGES = ("pre_qk_conv", "pre_head_mix", "post_qk_conv", "post_head_mix")
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from mta_lab.config import GateKind, HeadMixConfig, MTAConfig, OutNormConfig, QKConvConfig, RuntimeConfig  # noqa: E402
+from mta_lab.model import Attention, plan_layers  # noqa: E402
+from mta_lab.model.execution import choose_execution  # noqa: E402
+from mta_lab.model.layers import rope_tables  # noqa: E402
 
 
-def build_attention(config, layer_id: int = 0, dtype=torch.float64) -> Attention:
-    """The attention module of one layer of ``config``, on CPU."""
-    return Attention(config, plan_layers(config)[layer_id]).to(dtype)
+def build_attention(
+    config, layer_id: int = 0, dtype=torch.float64, runtime: RuntimeConfig | None = None, device=None
+) -> Attention:
+    """The attention module of one layer of ``config``, executed as ``runtime`` says on ``device``
+    (default CPU), in ``dtype`` on CPU."""
+    plan = plan_layers(config)[layer_id]
+    execution = choose_execution(config, plan, runtime or RuntimeConfig(), device or torch.device("cpu"))
+    return Attention(config, plan, execution).to(dtype)
 
 
 def run_attention(layer: Attention, x_btd: torch.Tensor, rope_theta: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ from mta_lab.config import (
     MTAConfig,
     OutNormConfig,
     QKConvConfig,
+    RuntimeConfig,
 )
 
 RANDOM = KernelInit.normal  # the kernels are overwritten with random values anyway
@@ -101,10 +102,10 @@ def reference_spec(config: ModelConfig, layer_id: int) -> dict:
 
 
 PATHS = {
-    "reference": {"attention_kernel": AttentionKernel.reference},
+    "reference": RuntimeConfig(attention_kernel=AttentionKernel.reference),
     # Blocks of 1 and 3 query rows: several blocks per sequence, and fewer rows than a block's halo.
-    "tiled-1": {"attention_kernel": AttentionKernel.tiled, "attention_tile_rows": 1},
-    "tiled-3": {"attention_kernel": AttentionKernel.tiled, "attention_tile_rows": 3},
+    "tiled-1": RuntimeConfig(attention_kernel=AttentionKernel.tiled, attention_tile_rows=1),
+    "tiled-3": RuntimeConfig(attention_kernel=AttentionKernel.tiled, attention_tile_rows=3),
 }
 
 
@@ -121,10 +122,10 @@ def test_layer_matches_float64_reference(name, path):
         n_layers=4,
         rope_theta=500.0,
         mta=mta,
-        **PATHS[path],
     )
     layer_id = 3  # not 0: depth scaling must use this layer's factor
-    layer = build_attention(config, layer_id=layer_id)
+    layer = build_attention(config, layer_id=layer_id, runtime=PATHS[path])
+    assert layer.execution.path == (path.split("-")[0] if mta.needs_score_map else "sdpa")
     randomize_(layer, seed=sum(map(ord, name)))
     x = torch.randn(2, seq_len, config.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     d_out = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -160,7 +161,7 @@ def test_identity_init_reproduces_sdpa(stages, shape):
     base = dict(dim=n_heads * head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
     sdpa = build_attention(ModelConfig(**base))
     mta = build_attention(ModelConfig(**base, mta=MTAConfig(**{s: IDENTITY_STAGES[s] for s in stages})))
-    assert not sdpa.uses_score_map and mta.uses_score_map
+    assert sdpa.execution.path == "sdpa" and mta.execution.path != "sdpa"
     missing, unexpected = mta.load_state_dict(sdpa.state_dict(), strict=False)
     assert not unexpected and all(key.split(".")[0] in stages for key in missing)
 

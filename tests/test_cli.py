@@ -50,7 +50,7 @@ def test_check_trains_the_tiny_preset(capsys):
         ["info", "no-such-preset"],
         ["info", "tiny", "model.n_kv_heads=3"],
         ["check", "tiny", "--seq-len", "5000"],
-        ["info", "tiny", "model.attention_kernel=fast"],
+        ["info", "tiny", "runtime.attention_kernel=fast"],
         ["bench", "attention", "no-such-layer"],
         ["bench", "attention", "--paths", "sdpa,flash"],
         ["bench", "kernels", "no-such-kernel"],

@@ -14,6 +14,7 @@ from mta_lab.config import (
     ModelConfig,
     MTAConfig,
     QKConvConfig,
+    config_hash,
     load_config,
     preset_names,
     resolved_yaml,
@@ -205,3 +206,21 @@ def test_dataclasses_validate_when_built_in_python():
     with pytest.raises(ValueError, match="mta.pre_head_mix.group_size: 3 does not divide n_heads=8"):
         ModelConfig(mta=MTAConfig(pre_head_mix=HeadMixConfig(group_size=3)))
     QKConvConfig(key_kernel=4, key_padding=KeyPadding.right, init=KernelInit.zero)  # valid
+
+
+def test_how_a_run_computes_is_not_part_of_what_it_is():
+    """The runtime section (kernels, tiles) gives the same numbers every way: not in the config hash."""
+    tiny = config_hash(load_config("tiny"))
+    how = ["runtime.attention_kernel=reference", "runtime.attention_tile_rows=7", "runtime.score_conv=torch"]
+    assert config_hash(load_config("tiny", how)) == tiny
+    assert config_hash(load_config("tiny", ["model.mta.pre_qk_conv.key_kernel=5"])) != tiny
+    assert "attention_tile_rows: 7" in resolved_yaml(load_config("tiny", how))  # still recorded
+    with pytest.raises(ConfigError, match="runtime.attention_tile_rows: 0 is not allowed"):
+        load_config("tiny", ["runtime.attention_tile_rows=0"])
+
+
+def test_an_execution_setting_under_model_points_to_runtime():
+    with pytest.raises(
+        ConfigError, match=r"model.attention_kernel: unknown key; it is runtime.attention_kernel"
+    ):
+        load_config("tiny", ["model.attention_kernel=fused"])

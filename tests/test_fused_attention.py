@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from types import SimpleNamespace
 
 import mta_reference as reference
 import pytest
@@ -23,9 +22,12 @@ from mta_lab.config import (
     ModelConfig,
     MTAConfig,
     QKConvConfig,
+    RuntimeConfig,
 )
 from mta_lab.kernels import band_flash, diagonals, score_conv
 from mta_lab.kernels.band_flash import band_attention, band_attention_reference
+from mta_lab.model import plan_layers
+from mta_lab.model.execution import AttentionPath, LayerExecution, choose_execution
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _skip_without_triton = pytest.mark.skipif(
@@ -44,15 +46,17 @@ def conv(c_q: int, c_k: int, padding: str = "both") -> QKConvConfig:
     )
 
 
-def layer_config(n_heads, n_kv_heads, head_dim, mta, kernel=AttentionKernel.fused) -> ModelConfig:
-    return ModelConfig(
-        dim=n_heads * head_dim,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        n_layers=4,
-        mta=mta,
-        attention_kernel=kernel,
-    )
+def layer_config(n_heads, n_kv_heads, head_dim, mta) -> ModelConfig:
+    return ModelConfig(dim=n_heads * head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, n_layers=4, mta=mta)
+
+
+FUSED = RuntimeConfig(attention_kernel=AttentionKernel.fused)
+REFERENCE = RuntimeConfig(attention_kernel=AttentionKernel.reference)
+
+
+def build(config: ModelConfig, runtime: RuntimeConfig = FUSED, dtype=torch.float64, layer_id: int = 0):
+    """Layer ``layer_id`` of ``config``, built for DEVICE to run as ``runtime`` says."""
+    return build_attention(config, layer_id, dtype, runtime=runtime, device=torch.device(DEVICE))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -63,7 +67,7 @@ def test_moved_stages_equal_the_float64_reference_exactly(name, monkeypatch):
     monkeypatch.setattr(band_flash, "available", lambda: True)
     n_heads, n_kv_heads, head_dim, seq_len, mta = CASES[name]
     config = layer_config(n_heads, n_kv_heads, head_dim, mta)
-    layer = build_attention(config, layer_id=3)
+    layer = build(config, layer_id=3)
     randomize_(layer, seed=sum(map(ord, name)))
     x = torch.randn(2, seq_len, config.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     params = {key: value.detach() for key, value in layer.named_parameters()}
@@ -201,14 +205,16 @@ def test_fused_layer_outputs_and_gradients_match_the_reference(name, dtype):
     assert_matches_reference(name, layer_config(n_heads, n_kv_heads, head_dim, mta), dtype)
 
 
-def assert_matches_reference(name: str, config: ModelConfig, dtype: torch.dtype) -> None:
+def assert_matches_reference(
+    name: str, config: ModelConfig, dtype: torch.dtype, runtime: RuntimeConfig = FUSED
+) -> None:
     """The layer of ``config`` in ``dtype`` against the reference path in float64 on the case ``name``
     of FUSED_LAYERS (its sequence length): the output and the gradients of the input and of every
     parameter, within the dtype's tolerance relative to each one's largest entry."""
     seq_len = FUSED_LAYERS[name][3]
-    layer = build_attention(config, dtype=torch.float64)
+    layer = build(config, runtime)
     randomize_(layer, seed=sum(map(ord, name)), scale=0.3)
-    exact = build_attention(dataclasses.replace(config, attention_kernel=AttentionKernel.reference))
+    exact = build(config, REFERENCE)
     exact.load_state_dict(layer.state_dict())
     layer = layer.to(DEVICE, dtype)
     x = torch.randn(2, seq_len, config.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -237,7 +243,7 @@ def test_fused_path_is_causal(name):
     outputs are bit-identical; with one, future values enter the moved form and are subtracted again
     (C_i in mta_lab.kernels.mta), so they may differ by float rounding and no more."""
     n_heads, n_kv_heads, head_dim, seq_len, mta = FUSED_LAYERS[name]
-    layer = build_attention(layer_config(n_heads, n_kv_heads, head_dim, mta), dtype=torch.float32).to(DEVICE)
+    layer = build(layer_config(n_heads, n_kv_heads, head_dim, mta), dtype=torch.float32).to(DEVICE)
     randomize_(layer, seed=5, scale=0.3)
     x = torch.randn(1, seq_len, layer.n_heads * head_dim, device=DEVICE)
     changed = x.clone()
@@ -248,9 +254,7 @@ def test_fused_path_is_causal(name):
     assert (before[:, :20] - after[:, :20]).abs().max() <= rounding
     assert (before[:, 20:] - after[:, 20:]).abs().max() > 1e4 * rounding
     without_post = dataclasses.replace(mta, post_qk_conv=None)
-    layer = build_attention(
-        layer_config(n_heads, n_kv_heads, head_dim, without_post), dtype=torch.float32
-    ).to(DEVICE)
+    layer = build(layer_config(n_heads, n_kv_heads, head_dim, without_post), dtype=torch.float32).to(DEVICE)
     randomize_(layer, seed=5, scale=0.3)
     with torch.no_grad():
         before, after = run_attention(layer, x, 10_000.0), run_attention(layer, changed, 10_000.0)
@@ -265,8 +269,8 @@ def test_fused_path_never_makes_a_query_by_key_tensor():
 
     def maps_made(kernel):
         n_heads, n_kv_heads, head_dim, _, mta = FUSED_LAYERS["mix-c2-gqa"]
-        config = layer_config(n_heads, n_kv_heads, head_dim, mta, kernel)
-        layer = build_attention(config, dtype=torch.float32).to(DEVICE)
+        runtime = RuntimeConfig(attention_kernel=kernel)
+        layer = build(layer_config(n_heads, n_kv_heads, head_dim, mta), runtime, torch.float32).to(DEVICE)
         x = torch.randn(1, t, layer.n_heads * head_dim, device=DEVICE, requires_grad=True)
         with MadeTensors() as made:
             run_attention(layer, x, 10_000.0).sum().backward()
@@ -277,48 +281,50 @@ def test_fused_path_never_makes_a_query_by_key_tensor():
 
 
 def test_auto_uses_the_tiled_path_on_cpu_and_says_so(caplog):
-    layer = build_attention(layer_config(2, 2, 4, MTAConfig(pre_qk_conv=conv(2, 3)), AttentionKernel.auto))
+    config = layer_config(2, 2, 4, MTAConfig(pre_qk_conv=conv(2, 3)))
     with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
-        run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
-        run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
-    lines = [r.getMessage() for r in caplog.records if "path" in r.getMessage()]
-    assert lines == [
-        "layer 0: MTA on the tiled path of 128 query rows, convolutions by F.conv2d "
-        "(the fused kernel runs on CUDA with Triton)"
-    ]
+        layer = build_attention(config, runtime=RuntimeConfig())
+    assert layer.execution == LayerExecution(
+        0, AttentionPath.tiled, "the fused kernel runs on CUDA with Triton", tile_rows=128
+    )
+    assert (
+        "layer 0: explicit score map: pre_qk_conv (2x3 normal); on the tiled path in blocks of "
+        "128 query rows (the fused kernel runs on CUDA with Triton)" in caplog.messages
+    )
 
 
-def test_auto_keeps_wide_head_groups_off_the_fused_path(caplog, monkeypatch):
+def test_auto_keeps_wide_head_groups_off_the_fused_path(monkeypatch):
     """On CUDA, auto takes the fused path up to head groups of 2 and the tiled path for wider mixing
     (the fused kernel measured slower there than even the full score map), convolving by Triton."""
     monkeypatch.setattr(band_flash, "available", lambda: True)
-    monkeypatch.setattr(score_conv, "passes_check", lambda *args: True)
-    on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0", dtype=torch.bfloat16)  # all the choice reads
+    checked = []
+    monkeypatch.setattr(score_conv, "passes_check", lambda *args: checked.append(args) or True)
 
-    def layer(group_size):
+    def on_cuda(group_size):
         mta = MTAConfig(pre_qk_conv=conv(2, 3), post_head_mix=HeadMixConfig(group_size=group_size))
-        return build_attention(layer_config(4, 4, 4, mta, AttentionKernel.auto))
+        config = layer_config(4, 4, 4, mta)
+        return choose_execution(config, plan_layers(config)[0], RuntimeConfig(), torch.device("cuda:0"))
 
-    with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
-        assert layer(2)._path(on_cuda) == ("fused", False)
-        assert layer(4)._path(on_cuda) == ("tiled", True)  # and convolves by the Triton kernel
-    assert "MTA on the fused path (auto on CUDA)" in caplog.text
-    assert (
-        "MTA on the tiled path of 128 query rows, convolutions by Triton "
-        "(head groups of 4: the fused kernel is slower there)" in caplog.text
+    assert on_cuda(2) == LayerExecution(0, AttentionPath.fused, "auto on CUDA")
+    assert on_cuda(4) == LayerExecution(
+        0, AttentionPath.tiled, "head groups of 4: the fused kernel is slower there", 128, triton_convs=True
     )
+    # The Triton convolution was checked on the device in every dtype a map can have, for this kernel.
+    assert checked == [("cuda:0", dtype, 2, 3, 1) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    monkeypatch.setattr(score_conv, "passes_check", lambda *args: False)
+    assert not on_cuda(4).triton_convs  # a disagreeing kernel costs speed, not correctness
 
 
-def test_attention_dropout_keeps_the_fused_kernel_off(caplog):
+def test_attention_dropout_keeps_the_fused_kernel_off(monkeypatch):
+    monkeypatch.setattr(band_flash, "available", lambda: True)
+    monkeypatch.setattr(score_conv, "passes_check", lambda *args: True)
     config = layer_config(2, 2, 4, MTAConfig(pre_qk_conv=conv(2, 3)))
     config.dropout = 0.1
-    layer = build_attention(config).train()
-    with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
-        run_attention(layer, torch.randn(1, 5, 8, dtype=torch.float64), 10_000.0)
-    assert (
-        "tiled path of 128 query rows, convolutions by F.conv2d (the fused kernel has no attention dropout)"
-        in caplog.text
-    )
+    for kernel in (AttentionKernel.auto, AttentionKernel.fused):
+        execution = choose_execution(
+            config, plan_layers(config)[0], RuntimeConfig(attention_kernel=kernel), torch.device("cuda")
+        )
+        assert (execution.path, execution.reason) == ("tiled", "the fused kernel has no attention dropout")
 
 
 @pytest.mark.gpu
@@ -334,15 +340,10 @@ def test_full_size_fused_layer_matches_the_reference_on_gpu(name, path):
     in fp32, outputs and gradients."""
     from mta_lab.bench.attention import LAYERS
 
-    config = ModelConfig(
-        dim=16 * 64, n_heads=16, n_layers=1, mta=LAYERS[name](), attention_kernel=AttentionKernel.fused
-    )
-    fused = build_attention(config, dtype=torch.float32).cuda()
+    config = ModelConfig(dim=16 * 64, n_heads=16, n_layers=1, mta=LAYERS[name]())
+    fused = build(config, FUSED, torch.float32).cuda()
     randomize_(fused, seed=7, scale=0.05)
-    exact = build_attention(
-        dataclasses.replace(config, attention_kernel=AttentionKernel.reference), dtype=torch.float32
-    )
-    exact = exact.cuda()
+    exact = build(config, REFERENCE, torch.float32).cuda()
     exact.load_state_dict(fused.state_dict())
     generator = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 16, 2048, 64, device="cuda", generator=generator) for _ in range(3))
@@ -354,11 +355,11 @@ def test_full_size_fused_layer_matches_the_reference_on_gpu(name, path):
         out.backward(d_out.to(dtype))
         return [out] + [x.grad for x in leaves]
 
-    expected = run(exact._score_map_attention, torch.float32)
+    expected = run(exact.score_map_attention, torch.float32)
     core = (
-        fused._fused_attention
+        fused.fused_attention
         if path == "fused"
-        else functools.partial(fused._score_map_attention, tile_rows=128, triton_convs=True)
+        else functools.partial(fused.score_map_attention, tile_rows=128, triton_convs=True)
     )
     actual = run(core, torch.bfloat16)
     for key, a, e in zip(["out", "dq", "dk", "dv"], actual, expected, strict=True):

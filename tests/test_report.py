@@ -16,6 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from mta_lab.cli import main
 
+# Every test reads one real sweep (the baseline and MTA, 2 seeds each), trained once: about a minute.
+pytestmark = pytest.mark.slow
+
 SWEEP = """
 base: tiny
 fixed:

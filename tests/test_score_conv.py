@@ -4,11 +4,9 @@ and the tiled attention path that uses it against the float64 reference path. In
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_attention
 from test_fused_attention import (
     DEVICE,
     FUSED_LAYERS,
@@ -18,8 +16,10 @@ from test_fused_attention import (
     needs_triton,
 )
 
-from mta_lab.config import AttentionKernel, MTAConfig, ScoreConvKernel
+from mta_lab.config import AttentionKernel, MTAConfig, RuntimeConfig, ScoreConvKernel
 from mta_lab.kernels import band_flash, score_conv
+from mta_lab.model import plan_layers
+from mta_lab.model.execution import choose_execution
 
 
 def past(rows: int, keys: int) -> torch.Tensor:
@@ -88,9 +88,9 @@ def test_tiled_path_with_triton_convolutions_matches_the_reference():
     every parameter."""
     name = "left-right-gqa"
     n_heads, n_kv_heads, head_dim, _, mta = FUSED_LAYERS[name]
-    config = layer_config(n_heads, n_kv_heads, head_dim, mta, AttentionKernel.tiled)
-    config.attention_tile_rows, config.score_conv = 24, ScoreConvKernel.triton
-    assert_matches_reference(name, config, torch.float32)
+    config = layer_config(n_heads, n_kv_heads, head_dim, mta)
+    runtime = RuntimeConfig(AttentionKernel.tiled, attention_tile_rows=24, score_conv=ScoreConvKernel.triton)
+    assert_matches_reference(name, config, torch.float32, runtime)
 
 
 @needs_triton
@@ -105,13 +105,12 @@ def test_the_device_check_passes_the_kernel_and_catches_a_wrong_one(monkeypatch,
     assert "score_conv kernel disagrees with F.conv2d" in caplog.text
 
 
-def test_auto_convolves_by_f_conv2d_where_the_kernel_fails_its_check(monkeypatch, caplog):
+def test_auto_convolves_by_f_conv2d_where_the_kernel_fails_its_check(monkeypatch):
     monkeypatch.setattr(band_flash, "available", lambda: True)
     checked = []
     monkeypatch.setattr(score_conv, "passes_check", lambda *args: checked.append(args) and False)
-    on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0", dtype=torch.bfloat16)
-    layer = build_attention(layer_config(4, 4, 4, MTAConfig(pre_qk_conv=conv(2, 3)), AttentionKernel.tiled))
-    with caplog.at_level(logging.INFO, logger="mta_lab.model.attention"):
-        assert layer._path(on_cuda) == ("tiled", False)
+    config = layer_config(4, 4, 4, MTAConfig(pre_qk_conv=conv(2, 3)))
+    runtime = RuntimeConfig(attention_kernel=AttentionKernel.tiled)
+    execution = choose_execution(config, plan_layers(config)[0], runtime, torch.device("cuda:0"))
+    assert (execution.path, execution.triton_convs) == ("tiled", False)
     assert checked[0] == ("cuda:0", torch.bfloat16, 2, 3, 1)
-    assert "convolutions by F.conv2d" in caplog.text

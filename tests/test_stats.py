@@ -171,6 +171,7 @@ def test_pairs_are_formed_by_seed_not_by_rank_or_row_order():
     assert v["verdict"] == "no detectable difference with 3 seeds"
 
 
+@pytest.mark.slow  # 200 sweeps' comparisons, each with its bootstrap intervals: half a minute
 def test_a_sweep_of_aa_variants_rarely_finds_a_difference():
     """The false-positive rate of a whole sweep stays at alpha: each A/A variant is the baseline's
     procedure again (the same seed effects, fresh noise), and Holm's correction across the sweep's four

@@ -190,7 +190,7 @@ BAD = {
     ),
     "an interpolation": (
         "base: tiny\nvariants: {a: {model.dim: '${oc.env:HOME}'}}\n",
-        "variants.a.model.dim: interpolations (${...}) are not allowed in sweep files",
+        "variants.a.model.dim: interpolations (${...}) are not allowed here",
     ),
     "a bad budget in the cpu profile": (
         "base: tiny\nvariants: {a: {}}\ncpu: {budget: {steps: -5}}\n",
@@ -275,8 +275,8 @@ def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
 def test_a_kernel_this_machine_cannot_run_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TRITON_INTERPRET")  # no GPU, no interpreter: Triton kernels cannot run here
-    path = write(tmp_path, "base: tiny\nvariants: {a: {model.score_conv: triton}}\nbudget: {steps: 3}\n")
+    path = write(tmp_path, "base: tiny\nvariants: {a: {runtime.score_conv: triton}}\nbudget: {steps: 3}\n")
     assert main(["sweep", path, "--profile", "full"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cell 'a · seed 0': model.score_conv=triton needs Triton" in err
+    assert err.count("\n") == 1 and "cell 'a · seed 0': runtime.score_conv=triton needs Triton" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from conftest import MadeTensors, build_attention, randomize_, run_attention
 
-from mta_lab.config import AttentionKernel, HeadMixConfig, ModelConfig, MTAConfig, QKConvConfig
+from mta_lab.config import AttentionKernel, HeadMixConfig, ModelConfig, MTAConfig, QKConvConfig, RuntimeConfig
 
 PAPER_LIKE = MTAConfig(
     pre_qk_conv=QKConvConfig(query_kernel=3, key_kernel=5),
@@ -23,10 +23,10 @@ def layer(kernel: AttentionKernel, dropout: float = 0.0, tile_rows: int = 8):
         n_layers=1,
         mta=PAPER_LIKE,
         dropout=dropout,
-        attention_kernel=kernel,
-        attention_tile_rows=tile_rows,
     )
-    module = build_attention(config)
+    module = build_attention(
+        config, runtime=RuntimeConfig(attention_kernel=kernel, attention_tile_rows=tile_rows)
+    )
     randomize_(module, seed=11, scale=0.3)
     return module
 
@@ -62,7 +62,7 @@ def test_tiled_path_replays_its_dropout_in_the_backward_pass():
         grads = torch.autograd.grad((out * d_out).sum(), (q, k, v))
         return out, grads
 
-    tiled_out, tiled = gradients(lambda: module._score_map_attention(q, k, v, tile_rows=4))
+    tiled_out, tiled = gradients(lambda: module.score_map_attention(q, k, v, tile_rows=4))
     kept_out, kept = gradients(
         lambda: torch.cat(
             [module._score_map_rows(q, k, v, first, min(first + 4, t)) for first in range(0, t, 4)], 2
@@ -71,5 +71,5 @@ def test_tiled_path_replays_its_dropout_in_the_backward_pass():
     torch.testing.assert_close(tiled_out, kept_out, rtol=0, atol=0)
     for actual, expected in zip(tiled, kept, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
-    without_dropout = module.eval()._score_map_attention(q, k, v, tile_rows=4)
+    without_dropout = module.eval().score_map_attention(q, k, v, tile_rows=4)
     assert not torch.allclose(tiled_out, without_dropout)  # dropout was on

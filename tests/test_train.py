@@ -75,6 +75,17 @@ def test_train_tiny_records_one_finished_run(tmp_path, capsys):
     )
     assert manifest["config_hash"] == run.data.tags["mta.config_hash"]
     assert manifest["packages"]["torch"] and manifest["device"].startswith("cpu")
+    # Every layer of tiny mixes heads, so each runs on the tiled path on CPU, F.conv2d convolving.
+    assert manifest["execution"] == [
+        {
+            "layer_id": layer,
+            "path": "tiled",
+            "reason": "the fused kernel runs on CUDA with Triton",
+            "tile_rows": 128,
+            "triton_convs": False,
+        }
+        for layer in range(4)
+    ]
     assert "git_commit" in manifest and "git_dirty" in manifest
     run_dir = Path(run.data.tags["mta.run_dir"])
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
@@ -164,6 +175,7 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return process.returncode, output
 
 
+@pytest.mark.slow  # trains in a child process and interrupts it: tens of seconds
 def test_a_killed_run_resumes_to_the_same_result(tmp_path):
     """SIGKILL after the first checkpoint, resume: the same final losses as an uninterrupted run."""
     # grad_accum 2: a resumed run must skip the micro-batches, not only the steps, it already used.
@@ -202,6 +214,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
         assert b.data.metrics[key] == pytest.approx(a.data.metrics[key], rel=1e-5), key
 
 
+@pytest.mark.slow  # trains in a child process and interrupts it: tens of seconds
 def test_sigterm_marks_the_run_killed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     process = cli(
@@ -216,6 +229,7 @@ def test_sigterm_marks_the_run_killed(tmp_path):
     assert run.info.status == "KILLED"
 
 
+@pytest.mark.slow  # trains in a child process and interrupts it: tens of seconds
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     process = cli(

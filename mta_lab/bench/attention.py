@@ -33,6 +33,7 @@ from mta_lab.config import (
     MTAConfig,
     OutNormConfig,
     QKConvConfig,
+    RuntimeConfig,
 )
 
 
@@ -106,16 +107,18 @@ def bench_attention(
 
 
 def _attention(name: str, shape: Shape, device: torch.device):
+    """The layer ``name`` on ``device``; each path is timed by calling its method directly."""
     from mta_lab.model import Attention, plan_layers
+    from mta_lab.model.execution import choose_execution
 
     config = ModelConfig(
-        dim=shape.heads * shape.head_dim,
-        n_heads=shape.heads,
-        n_layers=1,
-        mta=LAYERS[name](),
-        attention_kernel=AttentionKernel.fused,
+        dim=shape.heads * shape.head_dim, n_heads=shape.heads, n_layers=1, mta=LAYERS[name]()
     )
-    module = Attention(config, plan_layers(config)[0]).to(device)
+    plan = plan_layers(config)[0]
+    execution = choose_execution(
+        config, plan, RuntimeConfig(attention_kernel=AttentionKernel.reference), device
+    )
+    module = Attention(config, plan, execution).to(device)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # kernels and mixes away from identity, as in training
         for parameter in module.parameters():
@@ -126,21 +129,20 @@ def _attention(name: str, shape: Shape, device: torch.device):
 def _core(module, path: str, device: torch.device):
     from mta_lab.kernels import band_flash
 
+    tile_rows = RuntimeConfig().attention_tile_rows
     if path == "reference":
-        return module._score_map_attention, ""
+        return module.score_map_attention, ""
     if path == "reference-compiled":
-        return torch.compile(module._score_map_attention), ""
+        return torch.compile(module.score_map_attention), ""
     if path == "tiled":
-        return functools.partial(module._score_map_attention, tile_rows=module.tile_rows), ""
+        return functools.partial(module.score_map_attention, tile_rows=tile_rows), ""
     if not band_flash.available():
         return None, "needs triton"
     if device.type != "cuda" and not band_flash.interpreting():
         return None, "CPU: set TRITON_INTERPRET=1 (slow)"
     if path == "tiled-triton":
-        return functools.partial(
-            module._score_map_attention, tile_rows=module.tile_rows, triton_convs=True
-        ), ""
-    return module._fused_attention, ""
+        return functools.partial(module.score_map_attention, tile_rows=tile_rows, triton_convs=True), ""
+    return module.fused_attention, ""
 
 
 def _sdpa(q, k, v):

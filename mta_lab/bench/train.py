@@ -55,7 +55,7 @@ def measure(preset: str, variant: str, overrides: Sequence[str], steps: int, war
     device = training_device()
     batch, seq_len = config.train.batch_size, config.data.seq_len
     torch.manual_seed(config.train.seed)
-    model = Transformer(config.model).to(device)
+    model = Transformer(config.model, config.runtime, device).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(config.model.vocab_size, (batch, seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from mta_lab.cli import common
-from mta_lab.config import preset_names, resolved_yaml
+from mta_lab.config import MTA_STAGES, preset_names, resolved_yaml
 from mta_lab.config.loading import preset_description
 
 if TYPE_CHECKING:
@@ -86,14 +86,13 @@ def _info(args: argparse.Namespace) -> int:
 
 def _layer_table(plans: list[LayerPlan]) -> Table:
     """One row per distinct layer plan, with the layers that share it."""
-    stages = ("pre_qk_conv", "pre_head_mix", "post_qk_conv", "post_head_mix", "out_norm")
     groups: dict[tuple[str, ...], list[int]] = {}
     for plan in plans:
         mechanisms = plan.mta.mechanisms() if plan.mta else {}
         path = "score map" if plan.uses_score_map else "sdpa"
-        row = (path, *(mechanisms[s].describe() if s in mechanisms else "-" for s in stages))
+        row = (path, *(mechanisms[s].describe() if s in mechanisms else "-" for s in MTA_STAGES))
         groups.setdefault(row, []).append(plan.layer_id)
-    headers = ("pre conv", "pre mix", "post conv", "post mix", "out norm")
+    headers = [stage.replace("_qk_", " ").replace("_head_", " ").replace("_", " ") for stage in MTA_STAGES]
     table = Table("layers", "attention", *headers, title="Layers (0-based)", title_justify="left", box=None)
     for row, layer_ids in groups.items():
         table.add_row(_ranges(layer_ids), *row)
@@ -125,7 +124,7 @@ def _check(args: argparse.Namespace) -> int:
         )
     device = training_device()
     torch.manual_seed(args.seed)
-    model = Transformer(config.model).to(device)
+    model = Transformer(config.model, config.runtime, device).to(device)
     tokens = torch.randint(config.model.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -2,7 +2,8 @@
 
 from mta_lab.config.loading import ConfigError, config_hash, load_config, preset_names, resolved_yaml
 from mta_lab.config.model import (
-    AttentionKernel,
+    MTA_STAGES,
+    SCORE_MAP_STAGES,
     ConfigFieldError,
     DepthScaling,
     GateKind,
@@ -15,9 +16,9 @@ from mta_lab.config.model import (
     MTAConfig,
     OutNormConfig,
     QKConvConfig,
-    ScoreConvKernel,
 )
 from mta_lab.config.run import RunConfig
+from mta_lab.config.runtime import AttentionKernel, RuntimeConfig, ScoreConvKernel
 
 __all__ = [
     "AttentionKernel",
@@ -30,11 +31,14 @@ __all__ = [
     "KernelInit",
     "KeyPadding",
     "LayerSelection",
+    "MTA_STAGES",
+    "SCORE_MAP_STAGES",
     "MTAConfig",
     "ModelConfig",
     "OutNormConfig",
     "QKConvConfig",
     "RunConfig",
+    "RuntimeConfig",
     "ScoreConvKernel",
     "config_hash",
     "load_config",

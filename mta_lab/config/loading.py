@@ -24,6 +24,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from mta_lab.config.model import ConfigFieldError
 from mta_lab.config.run import RunConfig
+from mta_lab.config.runtime import RuntimeConfig
+
+RUNTIME_KEYS = {f.name for f in dataclasses.fields(RuntimeConfig)}
 
 
 class ConfigError(Exception):
@@ -41,7 +44,7 @@ def bundled_dir(name: str) -> Path:
 
 
 def preset_names() -> list[str]:
-    return sorted(path.stem for path in bundled_dir("configs").glob("*.yaml"))
+    return bundled_names("configs")
 
 
 def preset_description(name: str) -> str:
@@ -114,16 +117,19 @@ def resolved_yaml(config: RunConfig) -> str:
 
 
 def config_hash(config: RunConfig) -> str:
-    """Identity of what a run does: sha256 of its resolved YAML (16 hex digits)."""
-    return hashlib.sha256(resolved_yaml(config).encode()).hexdigest()[:16]
+    """Identity of what a run computes: sha256 of its resolved YAML (16 hex digits), without the
+    ``runtime`` section, which says only how it computes."""
+    what = OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
+    del what["runtime"]
+    return hashlib.sha256(OmegaConf.to_yaml(what).encode()).hexdigest()[:16]
 
 
 def _file_layers(ref: str, relative_to: Path | None, chain: tuple[Path, ...]) -> list[_Layer]:
-    path, source = _resolve(ref, relative_to)
+    path, source = find_yaml(ref, "configs", relative_to)
     if path in chain:
         cycle = " -> ".join(p.stem for p in (*chain, path))
         raise ConfigError(f"{source}: base: presets form a cycle ({cycle})")
-    content = _read_yaml(path, source)
+    content = read_yaml(path, source)
     bases = content.pop("base", None)
     if bases is None:
         bases = []
@@ -137,23 +143,36 @@ def _file_layers(ref: str, relative_to: Path | None, chain: tuple[Path, ...]) ->
     return [*layers, _Layer(source, content)]
 
 
-def _resolve(ref: str, relative_to: Path | None) -> tuple[Path, str]:
-    """A preset name or a YAML path -> (file, how to name it in messages)."""
+def bundled_names(folder: str) -> list[str]:
+    """The names of the YAML files shipped in ``folder`` (``configs``: presets, ``sweeps``)."""
+    return sorted(path.stem for path in bundled_dir(folder).glob("*.yaml"))
+
+
+def find_yaml(ref: str, folder: str, relative_to: Path | None = None) -> tuple[Path, str]:
+    """A bundled name or a YAML path (relative to ``relative_to`` if given) -> (the file, how to name it
+    in messages). ``folder`` is ``configs`` (presets) or ``sweeps``; an unknown name gets the closest
+    shipped one as a suggestion."""
+    kind = {"configs": "config", "sweeps": "sweep"}[folder]
     if ref.endswith((".yaml", ".yml")) or "/" in ref:
         path = Path(ref) if relative_to is None else relative_to / ref
         if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
+            raise ConfigError(f"{path}: no such {kind} file")
         return path.resolve(), str(path)
-    path = bundled_dir("configs") / f"{ref}.yaml"
+    path = bundled_dir(folder) / f"{ref}.yaml"
     if not path.is_file():
-        names = preset_names()
+        names = bundled_names(folder)
         close = difflib.get_close_matches(ref, names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"unknown preset '{ref}': {hint}allowed: {', '.join(names)}, or a YAML path")
-    return path.resolve(), f"configs/{ref}.yaml"
+        name = "preset" if folder == "configs" else kind
+        raise ConfigError(f"unknown {name} '{ref}': {hint}allowed: {', '.join(names)}, or a YAML path")
+    return path.resolve(), f"{folder}/{ref}.yaml"
 
 
-def _read_yaml(path: Path, source: str) -> DictConfig:
+def read_yaml(path: Path, source: str, keys: str = "config keys") -> DictConfig:
+    """A YAML file of config-like keys (a preset, a config file, a sweep file), named ``source`` in
+    messages: bad YAML (with its line), bytes that are not UTF-8 (with their offset), a top level that
+    is not a mapping of ``keys``, and ``${...}`` interpolations (which could pull environment values
+    into run names and params) are each one line."""
     try:
         content = OmegaConf.load(path)
     except yaml.YAMLError as error:
@@ -161,11 +180,36 @@ def _read_yaml(path: Path, source: str) -> DictConfig:
         line = f" (line {where.line + 1})" if where else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{source}{line}: not valid YAML: {problem}") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start : error.start + 1].hex()
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{byte} at offset {error.start})") from None
+    except OSError as error:
         raise ConfigError(f"{source}: cannot be read: {error}") from None
     if not isinstance(content, DictConfig):
-        raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
+        raise ConfigError(f"{source}: expected a mapping of {keys} at the top level")
+    interpolated = _interpolation(OmegaConf.to_container(content, resolve=False))
+    if interpolated:
+        raise ConfigError(
+            f"{source}: {interpolated}: interpolations (${{...}}) are not allowed here; write the value"
+        )
     return content
+
+
+def _interpolation(node: object, path: str = "") -> str | None:
+    """The dotted key of the first value that is an OmegaConf interpolation."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _interpolation(value, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found = _interpolation(value, f"{path}[{index}]")
+            if found:
+                return found
+    elif isinstance(node, str) and "${" in node:
+        return path or "(top level)"
+    return None
 
 
 def _override_layer(item: str) -> _Layer:
@@ -187,6 +231,8 @@ def describe_merge_error(error: OmegaConfBaseException) -> str:
         name = key.rsplit(".", 1)[-1]
         close = difflib.get_close_matches(name, allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
+        if name in RUNTIME_KEYS and key != f"runtime.{name}":  # how a run computes left the model config
+            hint = f"it is runtime.{name} (how a run computes, not what); "
         return f"{key}: unknown key; {hint}allowed: {', '.join(allowed)}"
     message = str(error).splitlines()[0]
     return f"{key}: {message}"

@@ -10,6 +10,7 @@ paper, arXiv 2504.00927v2.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -86,36 +87,6 @@ class GateKind(str, Enum):
     """Linear(head_dim, 1): one gate per token and head (the paper's "scalar gating")."""
     elementwise = "elementwise"
     """Linear(head_dim, head_dim): one gate per channel."""
-
-
-class AttentionKernel(str, Enum):
-    """How layers with score-map stages (key-query convs, head mixing) compute attention."""
-
-    auto = "auto"
-    """The fused Triton kernel on CUDA for layers with head groups of at most 2 (measured faster there),
-    else ``tiled``."""
-    reference = "reference"
-    """Always the materialised (batch, head, query, key) score map: the definition of correct."""
-    tiled = "tiled"
-    """The reference stages on blocks of ``attention_tile_rows`` queries against their causal keys,
-    recomputed in the backward pass: the same numbers, maps of (batch, head, rows, keys), about half
-    the work of the full map."""
-    fused = "fused"
-    """The fused kernel wherever it covers the layer, also on CPU (slowly, under TRITON_INTERPRET=1)."""
-
-
-class ScoreConvKernel(str, Enum):
-    """How the ``tiled`` path convolves its blocks of score maps (the ``reference`` path always uses
-    ``F.conv2d``, the definition)."""
-
-    auto = "auto"
-    """``triton`` on CUDA with Triton once the kernel has agreed with ``F.conv2d`` on the device (checked
-    once per process; a mismatch logs a warning), else ``torch``."""
-    torch = "torch"
-    """``F.conv2d`` with one group per head (cuDNN on a GPU)."""
-    triton = "triton"
-    """The Toeplitz tensor-core kernel (mta_lab.kernels.score_conv); on CPU only under
-    TRITON_INTERPRET=1, slowly."""
 
 
 class InitStdFactor(str, Enum):
@@ -319,19 +290,19 @@ class MTAConfig:
 
     def mechanisms(self) -> dict[str, QKConvConfig | HeadMixConfig | OutNormConfig]:
         """The stages that are on, by field name, in pipeline order."""
-        stages = {
-            "pre_qk_conv": self.pre_qk_conv,
-            "pre_head_mix": self.pre_head_mix,
-            "post_qk_conv": self.post_qk_conv,
-            "post_head_mix": self.post_head_mix,
-            "out_norm": self.out_norm,
-        }
+        stages = {name: getattr(self, name) for name in MTA_STAGES}
         return {name: cfg for name, cfg in stages.items() if cfg is not None}
 
     @property
     def needs_score_map(self) -> bool:
         """Whether a stage works on the (query, key) map, which plain SDPA never exposes."""
-        return any(name != "out_norm" for name in self.mechanisms())
+        return any(name in SCORE_MAP_STAGES for name in self.mechanisms())
+
+
+MTA_STAGES = tuple(stage.name for stage in dataclasses.fields(MTAConfig))
+"""The MTA stages in pipeline order: the fields of :class:`MTAConfig`, the one place that lists them."""
+SCORE_MAP_STAGES = tuple(name for name in MTA_STAGES if name != "out_norm")
+"""The stages that act on the (query, key) map, which plain SDPA never exposes."""
 
 
 MAX_LAYERS = 1024
@@ -376,12 +347,6 @@ class ModelConfig:
     """Factor after each block's pre-norms (official ``curse_norm`` is ``diff``)."""
     mta: MTAConfig | None = None
     """Multi-Token Attention; null is the plain-attention baseline."""
-    attention_kernel: AttentionKernel = AttentionKernel.auto
-    """Fused kernel, tiled or full reference score map for MTA layers; the same numbers every way."""
-    attention_tile_rows: int = 128
-    """Query rows per block of the ``tiled`` path (fastest of 64-512 on CPU; memory grows with it)."""
-    score_conv: ScoreConvKernel = ScoreConvKernel.auto
-    """Kernel of the key-query convolutions on the ``tiled`` path; the same numbers either way."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -391,7 +356,6 @@ class ModelConfig:
             "n_heads",
             "multiple_of",
             "max_seq_len",
-            "attention_tile_rows",
         ):
             value = getattr(self, name)
             _check(value >= 1, name, f"{value} is not allowed; use an integer >= 1")

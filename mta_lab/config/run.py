@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mta_lab.config.data import DataConfig, TasksConfig, TokenizerKind
 from mta_lab.config.model import ModelConfig, _check
+from mta_lab.config.runtime import RuntimeConfig
 from mta_lab.config.train import EvalConfig, TrackingConfig, TrainConfig
 
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s")
@@ -33,6 +34,8 @@ class RunConfig:
     """Periodic evaluation."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow experiment and run name."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """How the attention computes (kernels, tiles): the same numbers every way, not in the config hash."""
 
     def __post_init__(self) -> None:
         tokenizer = self.data.tokenizer

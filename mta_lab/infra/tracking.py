@@ -176,7 +176,8 @@ def describe_device(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def manifest(config: RunConfig, device: torch.device, source: str) -> dict:
+def manifest(config: RunConfig, device: torch.device, source: str, execution: list[dict]) -> dict:
+    """What identifies a run and where it ran; ``execution`` is how each layer computed there."""
     commit, dirty = git_state()
     versions = {}
     for package in PACKAGES:
@@ -192,6 +193,7 @@ def manifest(config: RunConfig, device: torch.device, source: str) -> dict:
         "packages": versions,
         "python": sys.version.split()[0],
         "device": describe_device(device),
+        "execution": execution,
         "hostname": socket.gethostname(),
         "command": sys.argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -4,8 +4,8 @@ One module serves every variant: with no stage on it is plain attention through
 ``scaled_dot_product_attention``; talking heads and MTA switch stages on. Stages that work on the
 (query, key) map run on an explicit score map (the reference path, the definition of correct), on
 the same map in blocks of query rows (the tiled path), or in the fused O(T)-memory Triton kernel
-(``mta_lab.kernels``), chosen per call by ``ModelConfig.attention_kernel`` and the device; all use the
-same parameters.
+(``mta_lab.kernels``), as the layer's :class:`LayerExecution` says (decided when the model is built,
+``mta_lab.model.execution``); all use the same parameters.
 
 Shape legend: b batch, t positions, h query heads, n key/value heads, d head dim,
 q query positions, k key positions (q = k = t).
@@ -20,25 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mta_lab.config import AttentionKernel, ModelConfig, MTAConfig, ScoreConvKernel
+from mta_lab.config import ModelConfig, MTAConfig
+from mta_lab.kernels import band_flash, diagonals
+from mta_lab.kernels.mta import ConvTaps, fused_mta_attention
+from mta_lab.model.execution import AttentionPath, LayerExecution
 from mta_lab.model.layers import apply_rope
 from mta_lab.model.mechanisms import HeadMix, HeadOutNorm, QKConv
 from mta_lab.model.plan import LayerPlan
 
 logger = logging.getLogger(__name__)
 
-AUTO_FUSED_MAX_GROUP = 2
-"""``auto`` takes the fused path only up to this head-mixing group size. The fused path widens its
-operands by the group size; on an H100 (B=8, H=16, T=2048, d=64, bf16, fwd+bwd) it was 2.3x faster
-than the full reference map with groups of 2 and 3x (talking heads) to 6.5x (paper layer) slower
-with 16."""
-
 
 class Attention(nn.Module):
     """One layer's attention: q, k, v projections with RoPE, then either SDPA or the score-map path
     with this layer's MTA stages, then the optional per-head output norm and the output projection."""
 
-    def __init__(self, config: ModelConfig, plan: LayerPlan):
+    def __init__(self, config: ModelConfig, plan: LayerPlan, execution: LayerExecution):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.dropout = config.dropout
@@ -55,11 +52,8 @@ class Attention(nn.Module):
         self.out_norm = (
             HeadOutNorm(mta.out_norm, self.head_dim, plan.out_norm_scale) if mta.out_norm else None
         )
-        self.uses_score_map = plan.uses_score_map
-        self.kernel, self.tile_rows = config.attention_kernel, config.attention_tile_rows
-        self.score_conv = config.score_conv
-        self.layer_id, self._logged_path = plan.layer_id, None
-        logger.info("layer %d: %s", plan.layer_id, plan.describe())
+        self.execution = execution
+        logger.info("layer %d: %s; on %s", plan.layer_id, plan.describe(), execution.describe())
 
     def forward(self, x_btd: torch.Tensor, cos_tf: torch.Tensor, sin_tf: torch.Tensor) -> torch.Tensor:
         b, t, _ = x_btd.shape
@@ -68,10 +62,8 @@ class Attention(nn.Module):
         v_btnd = self.wv(x_btd).view(b, t, self.n_kv_heads, self.head_dim)
         q_bhtd, k_bntd, v_bntd = (x.transpose(1, 2) for x in (q_bthd, k_btnd, v_btnd))
 
-        path, triton_convs = self._path(q_bhtd) if self.uses_score_map else ("sdpa", False)
-        if path == "fused":
-            out_bhtd = self._fused_attention(q_bhtd, k_bntd, v_bntd)
-        elif path == "sdpa":
+        path = self.execution.path
+        if path == AttentionPath.sdpa:
             out_bhtd = F.scaled_dot_product_attention(
                 q_bhtd,
                 k_bntd,
@@ -80,90 +72,21 @@ class Attention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
+        elif path == AttentionPath.fused:
+            out_bhtd = self.fused_attention(q_bhtd, k_bntd, v_bntd)
         else:
-            out_bhtd = self._score_map_attention(
-                q_bhtd, k_bntd, v_bntd, self.tile_rows if path == "tiled" else None, triton_convs
+            out_bhtd = self.score_map_attention(
+                q_bhtd, k_bntd, v_bntd, self.execution.tile_rows, self.execution.triton_convs
             )
         out_bthd = out_bhtd.transpose(1, 2)
         if self.out_norm is not None:
             out_bthd = self.out_norm(out_bthd)
         return self.wo(out_bthd.reshape(b, t, self.n_heads * self.head_dim))
 
-    def _path(self, q_bhtd: torch.Tensor) -> tuple[str, bool]:
-        """``fused``, ``tiled`` or ``reference`` for this call, and whether the tiled path convolves
-        with the Triton kernel; logged once per layer (and on change)."""
-        from mta_lab.kernels import band_flash
-
-        dropout = self.training and self.dropout > 0
-        if self.kernel == AttentionKernel.fused and not band_flash.available():
-            raise RuntimeError(
-                "model.attention_kernel=fused needs Triton (pip install triton); "
-                "use attention_kernel=auto, tiled or reference"
-            )
-        if self.kernel in (AttentionKernel.reference, AttentionKernel.tiled):
-            path, why = self.kernel.value, f"attention_kernel={self.kernel.value}"
-        elif dropout:
-            path, why = "tiled", "the fused kernel has no attention dropout"
-        elif self.kernel == AttentionKernel.fused:
-            path, why = "fused", "attention_kernel=fused"
-        elif not (q_bhtd.is_cuda and band_flash.available()):
-            path, why = "tiled", "the fused kernel runs on CUDA with Triton"
-        elif self._widest_mix() > AUTO_FUSED_MAX_GROUP:
-            path, why = "tiled", f"head groups of {self._widest_mix()}: the fused kernel is slower there"
-        else:
-            path, why = "fused", "auto on CUDA"
-        triton_convs = path == "tiled" and self._triton_convs(q_bhtd)
-        if (path, triton_convs) != self._logged_path:
-            how = ""
-            if path == "tiled":
-                convs = "Triton" if triton_convs else "F.conv2d"
-                how = f" of {self.tile_rows} query rows" + (
-                    f", convolutions by {convs}" if self._convs() else ""
-                )
-            logger.info("layer %d: MTA on the %s path%s (%s)", self.layer_id, path, how, why)
-            self._logged_path = path, triton_convs
-        return path, triton_convs
-
-    def _triton_convs(self, q_bhtd: torch.Tensor) -> bool:
-        """Whether the tiled path convolves with mta_lab.kernels.score_conv (``model.score_conv``)."""
-        from mta_lab.kernels import band_flash
-
-        if not self._convs() or self.score_conv == ScoreConvKernel.torch:
-            return False
-        if self.score_conv == ScoreConvKernel.auto:
-            from mta_lab.kernels import score_conv
-
-            # Checked once per process against F.conv2d on this device, for the dtypes of both maps
-            # (16-bit scores; softmax's fp32 probabilities under autocast).
-            return (
-                q_bhtd.is_cuda
-                and band_flash.available()
-                and all(
-                    score_conv.passes_check(
-                        str(q_bhtd.device), dtype, *conv.weight.shape[1:], conv.config.left_pad
-                    )
-                    for conv in self._convs()
-                    for dtype in dict.fromkeys((q_bhtd.dtype, torch.float32))
-                )
-            )
-        if not band_flash.available() or not (q_bhtd.is_cuda or band_flash.interpreting()):
-            raise RuntimeError(
-                "model.score_conv=triton needs Triton (pip install triton) and CUDA, or TRITON_INTERPRET=1 "
-                "on CPU; use score_conv=auto or torch"
-            )
-        return True
-
-    def _widest_mix(self) -> int:
-        mixes = [m.weight.shape[1] for m in (self.pre_head_mix, self.post_head_mix) if m is not None]
-        return max(mixes, default=1)
-
-    def _fused_attention(
+    def fused_attention(
         self, q_bhtd: torch.Tensor, k_bntd: torch.Tensor, v_bntd: torch.Tensor
     ) -> torch.Tensor:
-        """The same stages as :meth:`_score_map_attention`, in O(T) memory (mta_lab.kernels.mta)."""
-        from mta_lab.kernels import diagonals
-        from mta_lab.kernels.band_flash import band_attention
-        from mta_lab.kernels.mta import ConvTaps, fused_mta_attention
+        """The same stages as :meth:`score_map_attention`, in O(T) memory (mta_lab.kernels.mta)."""
 
         def taps(conv: QKConv | None) -> ConvTaps | None:
             return ConvTaps(conv.weight, conv.config.left_pad) if conv is not None else None
@@ -181,11 +104,11 @@ class Attention(nn.Module):
             pre_mix=weight(self.pre_head_mix),
             post_conv=taps(self.post_qk_conv),
             post_mix=weight(self.post_head_mix),
-            attention=band_attention,
+            attention=band_flash.band_attention,
             diagonals=diagonals.near_diagonal,
         )
 
-    def _score_map_attention(
+    def score_map_attention(
         self,
         q_bhtd: torch.Tensor,
         k_bntd: torch.Tensor,

@@ -6,6 +6,8 @@ from collections import Counter
 
 from torch import nn
 
+from mta_lab.config import SCORE_MAP_STAGES
+
 # Module attribute name -> component, matched from the innermost module outwards.
 COMPONENTS = {
     "tok_embeddings": "embedding",
@@ -20,14 +22,10 @@ COMPONENTS = {
     "attention_norm": "block norms",
     "ffn_norm": "block norms",
     "norm": "block norms",
-    "pre_qk_conv": "pre_qk_conv",
-    "pre_head_mix": "pre_head_mix",
-    "post_qk_conv": "post_qk_conv",
-    "post_head_mix": "post_head_mix",
+    **{stage: stage for stage in SCORE_MAP_STAGES},
     "rms": "out_norm",
     "gate": "out_norm gate",
 }
-MTA_COMPONENTS = ("pre_qk_conv", "pre_head_mix", "post_qk_conv", "post_head_mix", "out_norm", "out_norm gate")
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

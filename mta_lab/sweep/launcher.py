@@ -28,12 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from mta_lab.assembly.run_data import load_run_data
-from mta_lab.config import ConfigError, resolved_yaml
+from mta_lab.config import ConfigError
 from mta_lab.config.sweep import Distribution, Goal
 from mta_lab.infra.signals import stop_once
 from mta_lab.infra.tracking import RunRecord, flat_params, resolve_tracking_uri, store_lock
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.progress import SweepProgress
+from mta_lab.sweep.records import TrialRecord
 from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
 from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_study
@@ -90,7 +91,7 @@ def prepare(name_or_path: str, profile: Profile) -> tuple[Sweep, list[Cell]]:
     this machine. The other profile's cells are validated too (configs and metric, not data)."""
     import torch
 
-    from mta_lab.model.requirements import unmet_requirements
+    from mta_lab.model.execution import unmet_requirement
 
     sweep = load_sweep(name_or_path, profile)
     cells = _cells(sweep)
@@ -98,12 +99,12 @@ def prepare(name_or_path: str, profile: Profile) -> tuple[Sweep, list[Cell]]:
         other = load_sweep(name_or_path, Profile.cpu if sweep.profile == Profile.full else Profile.full)
         check_metric(other, _cells(other))
     check_metric(sweep, cells)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seen = set()
     for cell in cells:
-        unmet = unmet_requirements(cell.config.model, device)
+        unmet = unmet_requirement(cell.config.model, cell.config.runtime, device)
         if unmet:
-            raise ConfigError(f"{sweep.where}: cell '{cell.run_name}': {unmet[0]}")
+            raise ConfigError(f"{sweep.where}: cell '{cell.run_name}': {unmet}")
         setup = (
             repr(cell.config.data),
             repr(cell.config.tasks),
@@ -282,7 +283,7 @@ def _end_abandoned_runs(client, experiment: str, parent: str, study) -> list[str
     """End the child runs that an earlier attempt left RUNNING (killed, or stopped by a store it could
     no longer write) and that no live trial trains; their cells resume in them when they run again."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    live = {t.user_attrs.get("cell") for t in running}  # a run's id reaches its trial just after it starts
+    live = {TrialRecord.of(t).cell for t in running}  # a run's id reaches its trial just after it starts
     ended = []
     for run in child_runs(client, experiment, parent):
         if run.info.status == "RUNNING" and run.data.tags.get("mta.config_hash") not in live:
@@ -322,15 +323,15 @@ def enqueue(study: optuna.Study, sweep: Sweep, cells: list[Cell]) -> tuple[list[
         return [], 0
     by_cell: dict[str, set[TrialState]] = {}
     for trial in study.get_trials(deepcopy=False):
-        if "cell" in trial.user_attrs:
-            by_cell.setdefault(trial.user_attrs["cell"], set()).add(trial.state)
+        if (cell := TrialRecord.of(trial).cell) is not None:
+            by_cell.setdefault(cell, set()).add(trial.state)
     done, queued = [], 0
     for cell in cells:
         states = by_cell.get(cell.config_hash, set())
         if TrialState.COMPLETE in states:
             done.append(cell)
         elif not states & {TrialState.WAITING, TrialState.RUNNING}:
-            study.enqueue_trial({}, user_attrs={**cell.attrs(), "config": resolved_yaml(cell.config)})
+            study.enqueue_trial({}, user_attrs=TrialRecord.queued_for(cell).queued())
             queued += 1
     return done, queued
 
@@ -383,7 +384,12 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
 def _total(study, sweep) -> int:
     if sweep.spec.search is not None:
         return sweep.spec.search.n_trials
-    return len({t.user_attrs["cell"] for t in study.get_trials(deepcopy=False) if "cell" in t.user_attrs})
+    return len(_cells_of(study.get_trials(deepcopy=False)))
+
+
+def _cells_of(trials) -> set[str]:
+    """The config hashes of the cells that ``trials`` train."""
+    return {record.cell for record in map(TrialRecord.of, trials) if record.cell is not None}
 
 
 def _waiting(study) -> bool:
@@ -404,10 +410,12 @@ def _finish_parent(client, parent: str, study, sweep, stopped: str | None = None
             )
         return "RUNNING"
     complete = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "cell" in t.user_attrs
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if TrialRecord.of(t).cell is not None
     ]
-    cells = {t.user_attrs["cell"] for t in study.get_trials(deepcopy=False) if "cell" in t.user_attrs}
-    finished_cells = {t.user_attrs["cell"] for t in complete}
+    cells = _cells_of(study.get_trials(deepcopy=False))
+    finished_cells = _cells_of(complete)
     metrics = {"sweep/cells": len(cells), "sweep/cells_finished": len(finished_cells)}
     if complete:
         best = (
@@ -416,9 +424,7 @@ def _finish_parent(client, parent: str, study, sweep, stopped: str | None = None
             else max(complete, key=lambda t: t.value)
         )
         metrics[f"best/{sweep.spec.metric.name}"] = best.value
-        client.set_tag(
-            parent, "mta.best_cell", f"{best.user_attrs['label']} · seed {best.user_attrs['seed']}"
-        )
+        client.set_tag(parent, "mta.best_cell", TrialRecord.of(best).name)
     RunRecord(client, parent).log_metrics(metrics, step=0)
     if sweep.spec.search is None:
         done = finished_cells >= cells

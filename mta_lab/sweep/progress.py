@@ -22,6 +22,7 @@ from rich.progress import (
 
 from mta_lab.config import ConfigError, load_config
 from mta_lab.sweep.child import PROGRESS_FILE
+from mta_lab.sweep.records import TrialRecord
 from mta_lab.sweep.spec import Sweep
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
@@ -56,18 +57,20 @@ class SweepProgress:
         self.progress.__exit__(*exc)
 
     def update(self) -> None:
-        trials = self.study.get_trials(deepcopy=False)
-        for trial in trials:
-            if trial.state in FINISHED and trial.number not in self.reported and "label" in trial.user_attrs:
+        trials = [(trial, TrialRecord.of(trial)) for trial in self.study.get_trials(deepcopy=False)]
+        for trial, record in trials:
+            if trial.state in FINISHED and trial.number not in self.reported and record.cell is not None:
                 self.reported.add(trial.number)
-                self._say(trial)
-        self._cells({t.number: t for t in trials if t.state == TrialState.RUNNING and "cell" in t.user_attrs})
-        done = {t.user_attrs["cell"] for t in trials if t.state in FINISHED and "label" in t.user_attrs}
+                self._say(trial, record)
+        self._cells(
+            {t.number: (t, r) for t, r in trials if t.state == TrialState.RUNNING and r.cell is not None}
+        )
+        done = {r.cell for t, r in trials if t.state in FINISHED and r.cell is not None}
         total = self.progress.tasks[self.bar].total or 0
         self.progress.update(self.bar, completed=min(len(done), total))
 
-    def _say(self, trial: FrozenTrial) -> None:
-        name = f"{trial.user_attrs['label']} · seed {trial.user_attrs['seed']}"
+    def _say(self, trial: FrozenTrial, record: TrialRecord) -> None:
+        name = record.name
         metric = self.sweep.spec.metric.name
         if trial.state == TrialState.COMPLETE:
             self.progress.console.print(
@@ -76,27 +79,27 @@ class SweepProgress:
         elif trial.state == TrialState.PRUNED:
             self.progress.console.print(f"  [yellow]pruned[/yellow] {name}", highlight=False)
         else:
-            error = trial.user_attrs.get("error") or str(
+            error = record.error or str(
                 trial.system_attrs.get(
                     "fail_reason", "its worker stopped before it could say why (see its log)"
                 )
             )
             self.progress.console.print(f"  [red]failed[/red] {name}: {error}", highlight=False)
 
-    def _cells(self, running: dict[int, FrozenTrial]) -> None:
+    def _cells(self, running: dict[int, tuple[FrozenTrial, TrialRecord]]) -> None:
         """One bar per running cell whose progress file is on this machine."""
         for number in list(self.cells):
             if number not in running:
                 self.progress.remove_task(self.cells.pop(number))
-        for number, trial in running.items():
-            directory = self.sweep_dir / "cells" / trial.user_attrs["cell"]
+        for number, (_, record) in running.items():
+            directory = self.sweep_dir / "cells" / record.cell
             step, loss = last_step(directory / PROGRESS_FILE)
             if number not in self.cells:
                 if number not in self.totals:
                     self.totals[number] = total_steps(directory / "config.yaml")
                 if self.totals[number] is None:
                     continue  # trained elsewhere, or not started yet
-                name = f"  {trial.user_attrs['label']} · seed {trial.user_attrs['seed']}"
+                name = f"  {record.name}"
                 self.cells[number] = self.progress.add_task(name, total=self.totals[number], loss="")
             self.progress.update(
                 self.cells[number], completed=step, loss="" if loss is None else f"loss {loss:.3f}"

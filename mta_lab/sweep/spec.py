@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import re
@@ -12,12 +11,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mta_lab.config import ConfigError, RunConfig, config_hash, load_config
-from mta_lab.config.loading import bundled_dir, describe_merge_error, failing_node
+from mta_lab.config.loading import bundled_names, describe_merge_error, failing_node, find_yaml, read_yaml
 from mta_lab.config.model import ConfigFieldError
 from mta_lab.config.sweep import Design, SweepSpec
 
@@ -44,24 +42,7 @@ def resolve_profile(profile: Profile) -> Profile:
 
 
 def sweep_names() -> list[str]:
-    return sorted(path.stem for path in bundled_dir("sweeps").glob("*.yaml"))
-
-
-def sweep_path(name_or_path: str) -> Path:
-    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such sweep file")
-        return path
-    path = bundled_dir("sweeps") / f"{name_or_path}.yaml"
-    if not path.is_file():
-        names = sweep_names()
-        close = difflib.get_close_matches(name_or_path, names, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(
-            f"unknown sweep '{name_or_path}': {hint}allowed: {', '.join(names)}, or a YAML path"
-        )
-    return path
+    return bundled_names("sweeps")
 
 
 @dataclass
@@ -94,58 +75,15 @@ def load_sweep(name_or_path: str, profile: Profile = Profile.auto) -> Sweep:
     """The validated sweep of a bundled name or a YAML path, with the profile's changes applied.
     Both profiles are validated, whichever is asked for: a mistake in the full profile must not wait
     for a GPU cluster to be found."""
-    path = sweep_path(name_or_path)
-    source = (
-        str(path)
-        if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml"))
-        else f"sweeps/{path.name}"
-    )
-    raw = _read_sweep_file(path, source)
-    resolved = resolve_profile(profile)
-    specs = {each: _profile_spec(raw, each, source, path) for each in (Profile.full, Profile.cpu)}
-    return Sweep(specs[resolved], path, resolved)
-
-
-def _read_sweep_file(path: Path, source: str) -> DictConfig:
-    try:
-        raw = OmegaConf.load(path)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{source}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
-    except UnicodeDecodeError as error:
-        byte = error.object[error.start : error.start + 1].hex()
-        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{byte} at offset {error.start})") from None
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{source}: expected a mapping of sweep keys at the top level")
+    path, source = find_yaml(name_or_path, "sweeps")
+    raw = read_yaml(path, source, "sweep keys")
     if not raw:
         raise ConfigError(
             f"{source}: the sweep file is empty; give at least base and axes, variants or a search"
         )
-    interpolated = _interpolations(OmegaConf.to_container(raw, resolve=False))
-    if interpolated:
-        raise ConfigError(
-            f"{source}: {interpolated}: interpolations (${{...}}) are not allowed in sweep files; write the value"
-        )
-    return raw
-
-
-def _interpolations(node: Any, path: str = "") -> str | None:
-    """The first key whose value is an OmegaConf interpolation (which could pull environment values
-    into run names and params)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            found = _interpolations(value, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            found = _interpolations(value, f"{path}[{index}]")
-            if found:
-                return found
-    elif isinstance(node, str) and "${" in node:
-        return path or "(top level)"
-    return None
+    resolved = resolve_profile(profile)
+    specs = {each: _profile_spec(raw, each, source, path) for each in (Profile.full, Profile.cpu)}
+    return Sweep(specs[resolved], path, resolved)
 
 
 def _profile_spec(raw: DictConfig, profile: Profile, source: str, path: Path) -> SweepSpec:
@@ -206,16 +144,6 @@ class Cell:
     @property
     def run_name(self) -> str:
         return f"{self.label} · seed {self.seed}"
-
-    def attrs(self) -> dict[str, Any]:
-        """What a trial records about its cell."""
-        return {
-            "cell": self.config_hash,
-            "label": self.label,
-            "seed": self.seed,
-            "role": self.role,
-            "axis": self.axis,
-        }
 
 
 def expand(sweep: Sweep) -> list[Cell]:

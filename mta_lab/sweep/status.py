@@ -9,6 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from mta_lab.config.sweep import Goal
+from mta_lab.sweep.records import TrialRecord
 from mta_lab.sweep.spec import Cell, Sweep
 
 # The state that describes a cell when it has several trials (a failure, then a retry).
@@ -32,8 +33,9 @@ def cell_states(study: optuna.Study) -> dict[str, FrozenTrial]:
     """The deciding trial of each cell (by config hash)."""
     best: dict[str, FrozenTrial] = {}
     for trial in study.get_trials(deepcopy=False):
-        cell = trial.user_attrs.get("cell")
-        if cell is None or trial.user_attrs.get("duplicate_of") is not None:
+        record = TrialRecord.of(trial)
+        cell = record.cell
+        if cell is None or record.duplicate_of is not None:
             continue
         if cell not in best or PRIORITY[trial.state] < PRIORITY[best[cell].state]:
             best[cell] = trial
@@ -50,16 +52,15 @@ def status_table(study: optuna.Study, sweep: Sweep, cells: list[Cell] | None = N
             rows.append(_row(cell.label, cell.seed, trial))
     else:
         for trial in sorted(states.values(), key=lambda t: t.number):
-            rows.append(_row(trial.user_attrs["label"], trial.user_attrs["seed"], trial))
+            record = TrialRecord.of(trial)
+            rows.append(_row(record.label, record.seed, trial))
     counts = Counter(row[2] for row in rows)
     done = [t for t in states.values() if t.state == TrialState.COMPLETE]
     best = ""
     if done:
         pick = min if goal == Goal.minimize else max
         top = pick(done, key=lambda t: t.value)
-        best = (
-            f"; best {metric} = {top.value:.4g} ({top.user_attrs['label']} · seed {top.user_attrs['seed']})"
-        )
+        best = f"; best {metric} = {top.value:.4g} ({TrialRecord.of(top).name})"
     summary = ", ".join(
         f"{counts[word]} {word}"
         for word in ("done", "running", "queued", "failed", "pruned", "pending")
@@ -87,7 +88,7 @@ def _row(label: str, seed: int, trial: FrozenTrial | None) -> tuple[str, str, st
     if trial.state == TrialState.COMPLETE:
         value = f"{trial.value:.4g}"
     elif trial.state in (TrialState.FAIL, TrialState.PRUNED):
-        value = trial.user_attrs.get("error", "")[:60]
+        value = (TrialRecord.of(trial).error or "")[:60]
     else:  # queued again or running: an earlier attempt's reason no longer holds
         value = ""
 
@@ -97,5 +98,5 @@ def _row(label: str, seed: int, trial: FrozenTrial | None) -> tuple[str, str, st
         WORDS[trial.state],
         value,
         str(trial.number),
-        trial.user_attrs.get("mlflow_run_id", ""),
+        TrialRecord.of(trial).mlflow_run_id or "",
     )

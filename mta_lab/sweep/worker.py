@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import psutil
 from mlflow.exceptions import MlflowException
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.trial import Trial, TrialState
 
 from mta_lab.config import ConfigError, resolved_yaml
 from mta_lab.config.loading import load_config_text
@@ -34,6 +32,7 @@ from mta_lab.config.sweep import Distribution, SweepSpec
 from mta_lab.infra.signals import stop_once
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.sweep.child import PROGRESS_FILE
+from mta_lab.sweep.records import TrialRecord, WorkerId, record_on
 from mta_lab.sweep.spec import Cell, Profile, Sweep, search_cell
 from mta_lab.sweep.storage import fail_trial
 from mta_lab.sweep.tracking import client_for, create_child, find_child
@@ -49,6 +48,10 @@ class CellFailed(Exception):
     """The cell's training did not finish; the message is the reason."""
 
 
+CHILD = (sys.executable, "-m", "mta_lab.sweep.child")
+"""The command that trains a cell, given its run directory."""
+
+
 @dataclass
 class Context:
     study: optuna.Study
@@ -57,6 +60,8 @@ class Context:
     experiment: str
     parent: str
     sweep_dir: Path
+    child: tuple[str, ...] = CHILD
+    """The training command; tests give a stand-in that records a result without training."""
 
     @classmethod
     def load(cls, study: optuna.Study, tracking_uri: str | None, sweep_dir: Path) -> Context:
@@ -103,24 +108,22 @@ def run_worker(study: optuna.Study, context: Context) -> None:
 
 
 def objective(trial: Trial, context: Context) -> float:
-    worker = {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
-    trial.set_user_attr("worker", worker)
+    record_on(trial, worker=WorkerId.here())
     cell = _cell(trial, context)
     if cell is None:
         raise optuna.TrialPruned("no cell was waiting (another worker took the last one)")
     duplicate = _duplicate_of(context.study, trial.number, cell.config_hash)
     if duplicate is not None:
-        trial.set_user_attr("duplicate_of", duplicate)
+        record_on(trial, duplicate_of=duplicate)
         raise optuna.TrialPruned(f"cell already done or running in trial {duplicate}")
     try:
         return train_cell(trial, cell, context)
-    except CellFailed as error:
-        trial.set_user_attr("error", mask(str(error))[:2000])  # what `status` and the launcher show
-        raise
     except MlflowException as error:  # the store stopped taking writes: this cell, and likely the rest
-        reason = f"the MLflow store cannot be written: {str(error).splitlines()[0]}"
-        trial.set_user_attr("error", mask(reason)[:2000])
-        raise CellFailed(reason) from None
+        failure = CellFailed(f"the MLflow store cannot be written: {str(error).splitlines()[0]}")
+    except CellFailed as error:
+        failure = error
+    record_on(trial, error=mask(str(failure))[:2000])  # what `status` and the launcher show
+    raise failure from None
 
 
 def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
@@ -129,7 +132,7 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
     run_dir = context.sweep_dir / "cells" / cell.config_hash
     run = find_child(client, context.experiment, context.parent, cell.config_hash)
     if run is not None and run.info.status == "FINISHED" and metric in run.data.metrics:
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        record_on(trial, mlflow_run_id=run.info.run_id)
         return run.data.metrics[metric]  # it finished, but its trial was not told (a stopped worker)
     if run is not None and not _resumable(run_dir, run.info.run_id):
         client.set_tag(run.info.run_id, "mta.superseded", "no checkpoint on this machine; trained again")
@@ -149,12 +152,12 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
     else:
         run_id = run.info.run_id
         client.set_tag(run_id, "optuna.trial", str(trial.number))
-    trial.set_user_attr("mlflow_run_id", run_id)
+    record_on(trial, mlflow_run_id=run_id)
 
     progress = run_dir / PROGRESS_FILE
     with (run_dir / "child.log").open("a") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "mta_lab.sweep.child", str(run_dir)],
+            [*context.child, str(run_dir)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, TRACKING_ENV: context.tracking_uri},
@@ -163,14 +166,12 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
         try:
             _follow(trial, child, progress, metric)
         except optuna.TrialPruned:
-            client.set_tag(run_id, "mta.pruned", f"at step {trial.user_attrs.get('pruned_at')}")
+            client.set_tag(run_id, "mta.pruned", f"at step {TrialRecord.of(trial).pruned_at}")
             raise
         except KeyboardInterrupt:
             _stop(child)
             _end_if_running(client, run_id, "KILLED")  # the child was stopped before it could say so
-            trial.set_user_attr(
-                "error", "stopped (Ctrl-C or SIGTERM); it resumes from its checkpoint next time"
-            )
+            record_on(trial, error="stopped (Ctrl-C or SIGTERM); it resumes from its checkpoint next time")
             raise
         finally:
             _stop(child)
@@ -211,7 +212,7 @@ def _follow(trial: Trial, child: subprocess.Popen, progress: Path, metric: str) 
                         final = record["metrics"]
                         trial.report(final[metric], record["step"])
                         if trial.should_prune():
-                            trial.set_user_attr("pruned_at", record["step"])
+                            record_on(trial, pruned_at=record["step"])
                             child.send_signal(signal.SIGTERM)
                             child.wait(STOP_GRACE_S)
                             raise optuna.TrialPruned(
@@ -272,15 +273,14 @@ def _cell(trial: Trial, context: Context) -> Cell | None:
     if spec.search is not None:
         params = {key: _suggest(trial, key, param) for key, param in spec.search.params.items()}
         cell = search_cell(context.sweep, params, spec.seeds[0])
-        for key, value in cell.attrs().items():
-            trial.set_user_attr(key, value)
+        record_on(trial, **TrialRecord.queued_for(cell).queued())
         return cell
-    attrs = trial.user_attrs
-    if "cell" not in attrs:
+    record = TrialRecord.of(trial)
+    if record.cell is None:
         return None
     # The launcher put the resolved config in the trial: workers on other machines need no sweep file.
-    config = load_config_text(attrs["config"], f"trial {trial.number} of {context.study.study_name}")
-    return Cell(attrs["label"], attrs["seed"], attrs["role"], attrs["axis"], (), config, attrs["cell"])
+    config = load_config_text(record.config, f"trial {trial.number} of {context.study.study_name}")
+    return Cell(record.label, record.seed, record.role, record.axis, (), config, record.cell)
 
 
 def _suggest(trial: Trial, key: str, param) -> Any:
@@ -295,8 +295,8 @@ def _suggest(trial: Trial, key: str, param) -> Any:
 
 def _duplicate_of(study: optuna.Study, number: int, cell_hash: str) -> int | None:
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if other.number != number and other.user_attrs.get("cell") == cell_hash:
-            if other.state == TrialState.COMPLETE or _alive(other):
+        if other.number != number and TrialRecord.of(other).cell == cell_hash:
+            if other.state == TrialState.COMPLETE or TrialRecord.of(other).alive():
                 return other.number
     return None
 
@@ -313,13 +313,12 @@ def recover_orphans(study: optuna.Study) -> list[int]:
     them RUNNING forever) and queue their cells again. Returns the trial numbers."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
-        if worker and worker["host"] == socket.gethostname() and not _alive(trial):
+        record = TrialRecord.of(trial)
+        if record.worker and record.worker.on_this_machine and not record.worker.alive():
             if not fail_trial(study, trial, "its worker died"):
                 continue  # another worker or launcher got there first, and requeued it
-            if "cell" in trial.user_attrs:  # an ablation's cell; a search samples a new point instead
-                keep = ("cell", "label", "seed", "role", "axis", "config")
-                study.enqueue_trial({}, user_attrs={k: trial.user_attrs[k] for k in keep})
+            if record.cell is not None:  # an ablation's cell; a search samples a new point instead
+                study.enqueue_trial({}, user_attrs=record.queued())
             failed.append(trial.number)
     return failed
 
@@ -327,20 +326,6 @@ def recover_orphans(study: optuna.Study) -> list[int]:
 def _running_elsewhere(study: optuna.Study) -> bool:
     """Whether trials of other workers still run (this worker runs none between cells)."""
     return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-
-
-def _alive(trial: FrozenTrial) -> bool:
-    worker = trial.user_attrs.get("worker")
-    if not worker or worker["host"] != socket.gethostname():
-        return True  # another machine's worker: its heartbeat, if any, decides
-    try:
-        started = psutil.Process(worker["pid"]).create_time()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # another user's process: not ours to judge
-    # The pid may belong to a new process since: the worker's start time tells them apart.
-    return worker.get("started") is None or abs(started - worker["started"]) < 0.01
 
 
 def _resumable(run_dir: Path, run_id: str) -> bool:

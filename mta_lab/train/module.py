@@ -35,11 +35,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class LanguageModel(L.LightningModule):
-    def __init__(self, config: RunConfig, total_steps: int, evaluator: Evaluator | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        total_steps: int,
+        evaluator: Evaluator | None = None,
+        device: torch.device | None = None,
+    ):
+        """``device`` is where the model will train: its layers' execution paths are chosen for it."""
         super().__init__()
         self.config, self.total_steps, self.evaluator = config, total_steps, evaluator
         torch.manual_seed(config.train.seed)  # the init seed; the data order has its own
-        self.model = Transformer(config.model)
+        self.model = Transformer(config.model, config.runtime, device or torch.device("cpu"))
         # Compiling a separate handle keeps the state dict free of torch.compile's prefixes, so
         # checkpoints move between compiled and eager runs.
         self.forward_fn = torch.compile(self.model) if config.train.compile else self.model

@@ -32,6 +32,7 @@ from mta_lab.config.train import Precision
 from mta_lab.data.errors import DataError
 from mta_lab.infra.signals import stop_once
 from mta_lab.infra.tracking import RunRecord, config_hash, flat_params, manifest, resolve_tracking_uri
+from mta_lab.model.execution import plan_execution, unmet_requirement
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.train.device import training_device
 from mta_lab.train.evaluate import Evaluator
@@ -210,11 +211,9 @@ def train(
 
 def _check_runnable(config: RunConfig) -> None:
     """Kernels this machine cannot run stop the run before anything is recorded."""
-    from mta_lab.model.requirements import unmet_requirements
-
-    unmet = unmet_requirements(config.model, training_device().type)
+    unmet = unmet_requirement(config.model, config.runtime, training_device())
     if unmet:
-        raise ConfigError(unmet[0])
+        raise ConfigError(unmet)
 
 
 def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = True) -> RunResult:
@@ -268,7 +267,8 @@ def fit_run(
 
             total_steps = config.train.total_steps(config.data.seq_len)
             eval_batch = config.eval.batch_size or config.train.batch_size
-            module = LanguageModel(config, total_steps, Evaluator(run_data, config.eval.batches, eval_batch))
+            evaluator = Evaluator(run_data, config.eval.batches, eval_batch)
+            module = LanguageModel(config, total_steps, evaluator, device)
             if not resume:  # the cost side of a comparison
                 record.log_metrics(
                     {"model/parameters": sum(p.numel() for p in module.model.parameters())}, step=0
@@ -297,7 +297,8 @@ def fit_run(
 
 def _record_start(config: RunConfig, record: RunRecord, run_dir: Path, uri: str, device, source: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    facts = manifest(config, device, source)
+    execution = [layer.record() for layer in plan_execution(config.model, config.runtime, device)]
+    facts = manifest(config, device, source, execution)
     (run_dir / CONFIG_FILE).write_text(resolved_yaml(config))
     (run_dir / "manifest.json").write_text(json.dumps(facts, indent=2) + "\n")
     info = {"run_id": record.run_id, "tracking_uri": mask(uri), "source": source}
