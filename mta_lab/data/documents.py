@@ -16,8 +16,6 @@ from pathlib import Path
 
 from mta_lab.data.errors import DataError
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ""}
-
 
 @dataclass(frozen=True)
 class Document:

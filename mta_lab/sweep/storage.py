@@ -164,10 +164,6 @@ def _connection_problem(url: str, error: Exception) -> str:
     )
 
 
-def has_heartbeat(url: str) -> bool:
-    return url.startswith(("postgresql", "mysql"))
-
-
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     """The sweep's pruner. Every process must pass it: Optuna stores no pruner with a study and
     defaults to the median pruner, which would cut ablation runs short."""

@@ -84,9 +84,6 @@ class Task(ABC):
     def eval_examples(self) -> list[Example]:
         """The fixed held-out set."""
 
-    def max_eval_length(self) -> int:
-        return max(len(example.tokens) for example in self.eval_examples())
-
     def metrics(self, tallies: dict[Cell, Tally]) -> dict[str, float]:
         """``<task>/acc`` (examples all correct) and ``<task>/token_acc`` overall, per value of each
         cell dimension (``<task>/acc/depth_50``) and per cell (``<task>/acc/needles_4/depth_50``)."""
