@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from mta_lab.cli import main
 from mta_lab.config import load_config
+from mta_lab.model.flops import training_flops_per_token
 from mta_lab.train.module import LanguageModel
 from mta_lab.train.run import train
 
@@ -65,6 +66,8 @@ def test_train_tiny_records_one_finished_run(tmp_path, capsys):
     assert set(metrics) - {"model/parameters"} == set(load_config("tiny", QUICK).logged_metrics())
     assert metrics["val/ppl"] == pytest.approx(2.718281828 ** metrics["val/loss"], rel=1e-6)
     assert metrics["train/tokens"] == 12 * 8 * 32
+    per_token = sum(training_flops_per_token(load_config("tiny", QUICK).model, 32).values())
+    assert metrics["train/flops"] == pytest.approx(12 * 8 * 32 * per_token)  # cumulative, analytic
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [6, 12]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [4, 8, 12]

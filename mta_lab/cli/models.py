@@ -79,9 +79,34 @@ def _info(args: argparse.Namespace) -> int:
         "non-embedding", f"{total - counts.get('embedding', 0) - counts.get('output projection', 0):,}"
     )
     console.print(params)
-
+    console.print(_flops_table(config))
     console.print(_layer_table(model.plans))
     return 0
+
+
+def _flops_table(config) -> Table:
+    """Training FLOPs (forward + backward) per token at the configured sequence length, and per step."""
+    from mta_lab.model.flops import training_flops_per_token
+
+    seq_len, tokens_per_step = config.data.seq_len, config.train.tokens_per_step(config.data.seq_len)
+    per_token = training_flops_per_token(config.model, seq_len)
+    total = sum(per_token.values())
+    table = Table(
+        "component",
+        "FLOPs per token",
+        "share",
+        f"per step ({tokens_per_step:,} tokens)",
+        title=f"Training FLOPs (forward + backward) at seq_len {seq_len}",
+        title_justify="left",
+        box=None,
+    )
+    for component, flops in per_token.items():
+        table.add_row(component, f"{flops:,.0f}", f"{flops / total:.1%}", f"{flops * tokens_per_step:.3g}")
+    table.add_row("total", f"{total:,.0f}", "100%", f"{total * tokens_per_step:.3g}", style="bold")
+    table.caption = (
+        "matmul-like work only (norms, softmax and other elementwise work left out); causal scores"
+    )
+    return table
 
 
 def _layer_table(plans: list[LayerPlan]) -> Table:

@@ -13,6 +13,7 @@ import torch
 from mta_lab.config import RunConfig
 from mta_lab.config.train import Decay, ScheduleConfig
 from mta_lab.model import Transformer
+from mta_lab.model.flops import training_flops_per_token
 from mta_lab.train.evaluate import Evaluator, masked_mean_nll
 
 
@@ -51,6 +52,8 @@ class LanguageModel(L.LightningModule):
         # checkpoints move between compiled and eager runs.
         self.forward_fn = torch.compile(self.model) if config.train.compile else self.model
         self.tokens_per_row = config.data.seq_len
+        # What a token of training costs, analytically (mta_lab.model.flops): compute-matched comparisons.
+        self.flops_per_token = sum(training_flops_per_token(config.model, config.data.seq_len).values())
         self._window_loss, self._window_steps, self._last_step = 0.0, 0, 0
         self._step_loss: list[torch.Tensor] = []
         self._window_start = time.perf_counter()
@@ -118,6 +121,9 @@ class LanguageModel(L.LightningModule):
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             "train/grad_norm": self._grad_norm,
             "train/tokens": step * self.config.train.tokens_per_step(self.tokens_per_row),
+            "train/flops": step
+            * self.config.train.tokens_per_step(self.tokens_per_row)
+            * self.flops_per_token,
             "train/tokens_per_s": self._window_tokens / elapsed,
             "sys/peak_memory_mb": peak_memory_mb(self.device),
             "sys/wall_time_s": self.wall_time_s(),
