@@ -95,8 +95,7 @@ def choose_execution(
     layer, kernel = plan.layer_id, runtime.attention_kernel
     if not plan.uses_score_map:
         return LayerExecution(layer, AttentionPath.sdpa, "no score-map stage")
-    triton_here = band_flash.available() and (device.type == "cuda" or band_flash.interpreting())
-    if kernel == AttentionKernel.fused and not triton_here:
+    if kernel == AttentionKernel.fused and not _triton_runs_on(device):
         raise UnmetRequirement(
             f"runtime.attention_kernel=fused needs {TRITON_HERE} (allowed here: auto, tiled, reference)"
         )
@@ -125,7 +124,7 @@ def _triton_convs(plan: LayerPlan, runtime: RuntimeConfig, device: torch.device)
     if not convs or runtime.score_conv == ScoreConvKernel.torch:
         return False
     if runtime.score_conv == ScoreConvKernel.triton:
-        if not (band_flash.available() and (device.type == "cuda" or band_flash.interpreting())):
+        if not _triton_runs_on(device):
             raise UnmetRequirement(
                 f"runtime.score_conv=triton needs {TRITON_HERE} (allowed here: auto, torch)"
             )
@@ -140,6 +139,11 @@ def _triton_convs(plan: LayerPlan, runtime: RuntimeConfig, device: torch.device)
             for dtype in MAP_DTYPES
         )
     )
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on ``device`` here: on CUDA, or on CPU through its interpreter."""
+    return band_flash.available() and (device.type == "cuda" or band_flash.interpreting())
 
 
 def _widest_mix(plan: LayerPlan, n_heads: int) -> int:

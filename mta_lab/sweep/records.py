@@ -81,9 +81,8 @@ class TrialRecord:
     def of(cls, trial: FrozenTrial | BaseTrial) -> TrialRecord:
         attrs = dict(trial.user_attrs)
         worker = attrs.pop("worker", None)
-        known = {f.name for f in dataclasses.fields(cls)}
         return cls(
-            **{key: value for key, value in attrs.items() if key in known},
+            **{key: value for key, value in attrs.items() if key in FIELDS},
             worker=WorkerId(**worker) if worker else None,
         )
 
@@ -109,12 +108,12 @@ class TrialRecord:
 
 
 QUEUED = ("cell", "label", "seed", "role", "axis", "config")
+FIELDS = frozenset(field.name for field in dataclasses.fields(TrialRecord))
 
 
 def record_on(trial: BaseTrial, **fields: Any) -> None:
     """Store fields of :class:`TrialRecord` in the trial; an unknown name is a bug, refused here."""
-    known = {f.name for f in dataclasses.fields(TrialRecord)}
     for key, value in fields.items():
-        if key not in known:
+        if key not in FIELDS:
             raise KeyError(f"{key} is not a field of TrialRecord")
         trial.set_user_attr(key, dataclasses.asdict(value) if isinstance(value, WorkerId) else value)

@@ -116,14 +116,13 @@ class LanguageModel(L.LightningModule):
 
     def _log_train(self, step: int) -> None:
         elapsed = time.perf_counter() - self._window_start
+        tokens = step * self.config.train.tokens_per_step(self.tokens_per_row)
         metrics = {
             "train/loss": self._window_loss / self._window_steps,
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             "train/grad_norm": self._grad_norm,
-            "train/tokens": step * self.config.train.tokens_per_step(self.tokens_per_row),
-            "train/flops": step
-            * self.config.train.tokens_per_step(self.tokens_per_row)
-            * self.flops_per_token,
+            "train/tokens": tokens,
+            "train/flops": tokens * self.flops_per_token,
             "train/tokens_per_s": self._window_tokens / elapsed,
             "sys/peak_memory_mb": peak_memory_mb(self.device),
             "sys/wall_time_s": self.wall_time_s(),
