@@ -36,7 +36,7 @@ SHOWN = ("variant", "mean", "delta", "delta_low", "delta_high", "p_holm", "verdi
 
 def measure(name: str, work: Path) -> dict:
     """Run one sweep's cpu profile and its report in an empty directory; what a reader needs to know."""
-    from mta_lab.analysis import compare, results_frame, sweep_runs
+    from mta_lab.analysis.report import build_report
     from mta_lab.sweep.spec import Profile, expand, load_sweep
 
     directory = work / name
@@ -59,13 +59,22 @@ def measure(name: str, work: Path) -> dict:
             )
     sweep = load_sweep(name, Profile.cpu)
     spec = sweep.spec
-    runs = results_frame(sweep_runs(name, Profile.cpu, f"sqlite:///{directory / 'mlflow.db'}"))
-    table = compare(runs, spec.metric.name, spec.metric.goal)
+    report = build_report(
+        name,
+        profile=Profile.cpu,
+        tracking_uri=f"sqlite:///{directory / 'mlflow.db'}",
+        out_dir=directory / "reread",
+        runs_dir=directory / "runs",
+        log_to_mlflow=False,
+    )
+    runs, table = report.runs, report.comparison
     cells = expand(sweep) if spec.search is None else []
     return {
         "sweep": name,
         "base": spec.base,
-        "budget": _budget(spec.budget),
+        "budget": _budget(spec),
+        "held": report.held,
+        "multipliers": [{key: row[key] for key in ("variant", "axis", "text")} for row in report.multipliers],
         "metric": spec.metric.name,
         "goal": spec.metric.goal.value,
         "seeds": len(spec.seeds),
@@ -119,6 +128,11 @@ def render(results: dict[str, dict]) -> str:
                 f"*CPU profile* ({result['runs']} runs of `{result['base']}`, {result['budget']}, "
                 f"{result['seeds']} seeds; sweep and report took {took}): {cpu.description}",
                 "",
+                *(
+                    [f"Compared at {result['held']}.", ""]
+                    if result.get("held") and result["held"] != "equal tokens"
+                    else []
+                ),
                 f"| variant | {result['metric']} ({result['goal']}): mean | Δ vs baseline [95% CI] | Holm p | verdict |",
                 "|---|---|---|---|---|",
             ]
@@ -131,10 +145,14 @@ def render(results: dict[str, dict]) -> str:
                 lines.append(
                     f"| {row['variant']} | {row['mean']:.4g} | {delta} | {_p(row['p_holm'])} | {row['verdict']} |"
                 )
+            if result.get("multipliers"):
+                lines += ["", "The compute multiplier against the baseline at the top of the ladder:", ""]
+                for row in result["multipliers"]:
+                    unit = "FLOPs" if row["axis"] == "flops" else "training time"
+                    lines.append(f"- {row['variant']}, in {unit}: {row['text']}")
         lines += [
             "",
-            f"*Full profile* (`{full.base}`, {_budget(full.budget)}, {len(full.seeds)} seeds): "
-            f"{full.description}",
+            f"*Full profile* (`{full.base}`, {_budget(full)}, {len(full.seeds)} seeds): {full.description}",
             "",
             f"*The paper:* {full.paper}",
         ]
@@ -153,8 +171,23 @@ def write_readme(section: str) -> None:
     README.write_text(text)
 
 
-def _budget(budget) -> str:
-    return f"{budget.steps:,} steps" if budget.steps is not None else f"{budget.tokens:,} tokens"
+def _budget(spec) -> str:
+    """A sweep's budget in words: the budget, or a scaling design's ladder of budgets."""
+    from mta_lab.config.sweep import BudgetSpec, Compute, Design
+
+    def words(budget: BudgetSpec) -> str:
+        value = getattr(budget, budget.kind)
+        return (
+            f"{value:,g} {budget.kind}" if budget.kind in ("flops", "seconds") else f"{value:,} {budget.kind}"
+        )
+
+    if spec.design == Design.scaling:
+        rungs = [BudgetSpec(**rung["budget"]) for rung in spec.ladder if "budget" in rung]
+        if len(rungs) == len(spec.ladder) and len({b.kind for b in rungs}) == 1:
+            low, high = words(rungs[0]).split(" ")[0], words(rungs[-1])
+            return f"a ladder of {len(rungs)} budgets, {low} to {high}"
+        return f"a ladder of {len(spec.ladder)} rungs"
+    return words(spec.budget) + (" at equal FLOPs" if spec.compute == Compute.matched else "")
 
 
 def _duration(seconds: float) -> str:

@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from mta_lab.cli import main
 
-# Every test reads one real sweep (the baseline and MTA, 2 seeds each), trained once: about a minute.
+# Every test reads one real sweep (the baseline and MTA, 2 seeds each, at equal FLOPs), trained once:
+# about a minute.
 pytestmark = pytest.mark.slow
 
 SWEEP = """
@@ -30,7 +31,8 @@ fixed:
   train.log_every: 1
 variants: {mta: {}}
 seeds: [0, 1]
-budget: {steps: 4}
+budget: {steps: 8}
+compute: matched
 """
 
 
@@ -98,7 +100,10 @@ def test_report_writes_the_dashboard_and_logs_it(swept, tmp_path, capsys):
     html = index.read_text()
     assert "http" not in html.replace("http://127.0.0.1:5000", "").split("<svg")[0]  # no external resources
     assert "<script" not in html
-    assert html.count("<svg") >= 3 and "Comparison with the baseline" in html
+    assert html.count("<svg") >= 3 and "Comparison with the baseline, at equal FLOPs" in html
+    assert "The metric against training FLOPs and training time" in html  # the compute figure
+    assert "At equal training time: every run read at" in html
+    assert "against the baseline, at equal FLOPs" in printed and "At equal training time" in printed
     runs = pl.read_csv(io.StringIO(_csv(swept)))
     for run_id, value in zip(runs["run_id"], runs["val/loss"], strict=True):
         assert run_id in html and f"{value:.4g}" in html  # every run, its number and its MLflow link

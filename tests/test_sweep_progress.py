@@ -9,7 +9,7 @@ import optuna
 from rich.console import Console
 
 from mta_lab.config import load_config, resolved_yaml
-from mta_lab.sweep.progress import SweepProgress, last_step, total_steps
+from mta_lab.sweep.progress import SweepProgress, cell_budget, last_step
 from mta_lab.sweep.spec import Profile, load_sweep
 
 
@@ -21,8 +21,9 @@ def test_each_running_cell_shows_its_step_of_the_total_and_its_loss(tmp_path):
     records = [{"step": 10, "metrics": {"train/loss": 3.2}}, {"step": 20, "metrics": {"train/loss": 2.5}},
                {"step": 20, "metrics": {"toy_block/err_seq": 0.9}}]  # fmt: skip
     (cell / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3')
-    assert last_step(cell / "progress.jsonl") == (20, 2.5)  # evaluations and a torn last line skipped
-    assert total_steps(cell / "config.yaml") == 600 and total_steps(tmp_path / "nowhere.yaml") is None
+    assert last_step(cell / "progress.jsonl") == (20, 2.5, 0.0)  # evaluations and a torn line skipped
+    assert last_step(cell / "not-yet.jsonl") == (0, None, 0.0)
+    assert cell_budget(cell / "config.yaml").steps == 600 and cell_budget(tmp_path / "nowhere.yaml") is None
 
     study = optuna.create_study()
     running = study.ask()

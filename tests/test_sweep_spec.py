@@ -8,7 +8,7 @@ import pytest
 
 from mta_lab.cli import main
 from mta_lab.config import ConfigError
-from mta_lab.sweep.spec import Profile, check_metric, expand, load_sweep, sweep_names
+from mta_lab.sweep.spec import Profile, check_metric, expand, load_sweep, split_rung, sweep_names
 
 SHIPPED = [
     "kernel_size",
@@ -20,6 +20,8 @@ SHIPPED = [
     "paper_table5",
     "toy_block",
     "lr",
+    "scaling",
+    "equal_compute",
 ]
 
 
@@ -44,9 +46,10 @@ def test_shipped_sweeps_expand_and_validate(name, profile):
     check_metric(sweep, cells)
     assert len({cell.config_hash for cell in cells}) == len(cells)  # no two cells train the same thing
     labels = {cell.label for cell in cells}
+    variants = {split_rung(label)[0] for label in labels}  # a scaling cell's label names its rung too
     for label in labels:  # paired: every cell has every seed
         assert sorted(c.seed for c in cells if c.label == label) == sorted(sweep.spec.seeds)
-    assert ("baseline" in labels) == sweep.spec.baseline
+    assert ("baseline" in variants) == sweep.spec.baseline
     assert all(cell.config.model.mta is None for cell in cells if cell.role == "baseline")
     assert all(cell.config.train.seed == cell.seed == cell.config.data.seed for cell in cells)
     if profile == Profile.cpu:
@@ -198,7 +201,7 @@ BAD = {
     ),
     "two budgets": (
         "base: tiny\nvariants: {a: {}}\nbudget: {steps: 5, tokens: 9}\n",
-        "budget.steps: give budget.steps or budget.tokens",
+        "budget.tokens: give exactly one of budget.steps, tokens, flops or seconds (given: steps, tokens)",
     ),
 }
 
@@ -228,7 +231,8 @@ def test_dry_run_lists_cells_and_starts_nothing(tmp_path, capsys, monkeypatch):
     assert (
         "experiment 'kernel_size', parent run 'kernel_size (cpu)'" in out and "study 'kernel_size-cpu'" in out
     )
-    assert "600 steps x 1,600 tokens" in out and "dry run: nothing was started" in out
+    assert "600 steps = 960,000 tokens = 8.04e+11 FLOPs per run, equal tokens" in out
+    assert "dry run: nothing was started" in out
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,29 +55,38 @@ def curves(history: pl.DataFrame, metrics: list[str], baseline: str = "baseline"
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     variants = history["variant"].unique(maintain_order=True).to_list()
-    palette = plt.get_cmap("tab10")
     for ax, metric in zip(axes[0], panels, strict=True):
-        data = history.filter(pl.col("metric") == metric)
-        for index, variant in enumerate(variants):
-            points = (data.filter(pl.col("variant") == variant).group_by("step")
-                      .agg(pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0).alias("std"))
-                      .sort("step"))  # fmt: skip
-            if points.is_empty():
-                continue
-            is_base = variant == baseline
-            color = BASELINE_COLOR if is_base else palette(index % 10)
-            steps, mean, std = points["step"].to_numpy(), points["mean"].to_numpy(), points["std"].to_numpy()
-            ax.plot(
-                steps, mean, color=color, linestyle="--" if is_base else "-", linewidth=1.5, label=variant
-            )
-            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.12)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} (mean over seeds, band: +-1 sd)", loc="left")
-        ax.grid(alpha=0.3)
+        _variant_bands(ax, history.filter(pl.col("metric") == metric), "step", variants, baseline)
+        _label(ax, "optimizer step", metric, f"{metric} (mean over seeds, band: +-1 sd)")
     axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left")
+    ax.grid(alpha=0.3)
+
+
+def _variant_bands(ax, points: pl.DataFrame, x: str, variants: list[str], baseline: str) -> None:
+    """Each variant's mean ``value`` over seeds at each step, against ``x`` (the step, or what the step
+    had spent), with a band of +-1 sd; the baseline dashed, dots where a line would mislead."""
+    palette = plt.get_cmap("tab10")
+    spent = [] if x == "step" else [pl.col(x).mean()]
+    for index, variant in enumerate(variants):
+        by_step = (points.filter(pl.col("variant") == variant).group_by("step")
+                   .agg(*spent, pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0).alias("std"))
+                   .sort("step"))  # fmt: skip
+        if by_step.is_empty():
+            continue
+        is_base = variant == baseline
+        color = BASELINE_COLOR if is_base else palette(index % 10)
+        xs, mean, std = by_step[x].to_numpy(), by_step["mean"].to_numpy(), by_step["std"].to_numpy()
+        ax.plot(xs, mean, color=color, linestyle="--" if is_base else "-", marker="o" if len(xs) < 3 else None,
+                linewidth=1.5, markersize=3, label=variant)  # fmt: skip
+        ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.12)
 
 
 def axis_effects(
@@ -216,3 +226,58 @@ def _sort_key(text: str):
 
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
+
+
+COMPUTE_LABELS = {
+    "flops": "training FLOPs (forward + backward)",
+    "seconds": "training time (s, evaluation excluded)",
+}
+
+
+def compute_curves(
+    points: pl.DataFrame, metric: str, shared: dict[str, float | None], baseline: str = "baseline"
+) -> Figure | None:
+    """The metric against cumulative training FLOPs and against training time, per variant: the mean
+    over seeds at each evaluation, with a band of +-1 sd; a dotted line where all variants still are."""
+    if points.is_empty() or points["step"].n_unique() < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), squeeze=False)
+    variants = points["variant"].unique(maintain_order=True).to_list()
+    for ax, axis in zip(axes[0], ("flops", "seconds"), strict=True):
+        _variant_bands(ax, points, axis, variants, baseline)
+        if shared.get(axis):
+            ax.axvline(shared[axis], color=NEUTRAL, linestyle=":", linewidth=1)
+        _label(ax, COMPUTE_LABELS[axis], metric, f"{metric} by {axis} (mean over seeds, band: +-1 sd)")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def scaling_fits(
+    runs: pl.DataFrame, fits: dict[str, dict], metric: str, baseline: str = "baseline"
+) -> Figure:
+    """Each variant's final metric against its compute (a point per run) with its fitted curve, in
+    FLOPs and in training time (log compute). ``fits[axis][variant]`` is a PowerLaw (or absent)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), squeeze=False)
+    palette = plt.get_cmap("tab10")
+    variants = runs["variant"].unique(maintain_order=True).to_list()
+    for ax, (axis, column) in zip(
+        axes[0], (("flops", "train/flops"), ("seconds", "train/seconds")), strict=True
+    ):
+        for index, variant in enumerate(variants):
+            group = runs.filter(pl.col("variant") == variant)
+            color = BASELINE_COLOR if variant == baseline else palette(index % 10)
+            ax.scatter(group[column], group[metric], color=color, s=14, alpha=0.7, label=variant)
+            fit = fits.get(axis, {}).get(variant)
+            if fit is not None:
+                grid = np.geomspace(group[column].min(), group[column].max(), 100)
+                ax.plot(grid, fit.loss(grid), color=color, linestyle="--" if variant == baseline else "-")
+        ax.set_xscale("log")  # the ladder doubles; the loss stays linear to read off
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
+        ax.set_xlabel(COMPUTE_LABELS[axis])
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} against {axis}: runs and fitted curves", loc="left")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig

@@ -18,16 +18,20 @@ import polars as pl
 from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure
 
-from mta_lab.analysis import figures
+from mta_lab.analysis import figures, scaling
+from mta_lab.analysis.compute import AXES, at_compute, iso_compute
 from mta_lab.analysis.results import histories, results_frame, sweep_runs
 from mta_lab.analysis.stats import ALPHA, POWER, compare
 from mta_lab.config import ConfigError
+from mta_lab.config.sweep import Design
 from mta_lab.secrets import mask
 from mta_lab.sweep.spec import Profile
 
 TITLES = {
     "forest": "Difference to the baseline (paired by seed)",
+    "scaling": "The metric against compute, with each variant's fitted curve",
     "curves": "Learning curves",
+    "compute": "The metric against training FLOPs and training time",
     "axes": "The metric over the sweep's axes",
     "cost": "Quality against cost",
     "tasks": "Long-context accuracy",
@@ -44,6 +48,14 @@ class Report:
     markdown: Path
     comparison: pl.DataFrame
     runs: pl.DataFrame
+    held: str
+    """What the comparison holds equal: "equal tokens", "equal FLOPs" or "equal time" (a scaling
+    sweep: at its top rung)."""
+    iso: dict[str, tuple[float | None, pl.DataFrame]]
+    """Per compute axis (flops, seconds): the largest value all runs reached and the comparison there."""
+    multipliers: list[dict]
+    """A scaling sweep's compute multiplier per variant and axis: variant, axis, text, estimate, low,
+    high (None where the fit was refused; text says why)."""
 
 
 def build_report(
@@ -79,15 +91,32 @@ def build_report(
             f"no finished run of '{spec.name}' logged '{metric}' (logged: {', '.join(logged)}); choose one with --metric"
         )
 
-    comparison = compare(runs, metric, spec.metric.goal)
-    history = histories(data, ["train/loss", metric])
+    held, multipliers, fits = spec.held_equal, [], {}
+    if spec.design == Design.scaling:
+        runs, top = scaling.by_rung(runs)
+        multipliers, fits = scaling.ladder_multipliers(runs.filter(pl.col("status") == "FINISHED"), metric)
+        held = f"{held}, at the top rung ({top})"
+        compared = runs.filter(pl.col("rung") == top)
+    else:
+        compared = runs
+    comparison = compare(compared, metric, spec.metric.goal)
+    history = histories(data, ["train/loss", metric, *AXES.values()])
+    iso: dict[str, tuple[float | None, pl.DataFrame]] = {}
+    points = pl.DataFrame()
+    if spec.design != Design.scaling:
+        points = at_compute(history, metric)
+        iso = {axis: iso_compute(points, runs, axis, spec.metric.goal) for axis in AXES}
+    history = history.filter(pl.col("metric").is_in(["train/loss", metric]))
+    finished = finished if spec.design != Design.scaling else runs.filter(pl.col("status") == "FINISHED")
     baseline_mean = (
         comparison.filter(pl.col("variant") == "baseline")["mean"].first() if comparison.height else None
     )
     made: dict[str, Figure | None] = {
         "forest": figures.forest(comparison, metric),
+        "scaling": figures.scaling_fits(finished, fits, metric) if fits else None,
         "axes": figures.axis_effects(finished, list(spec.axes), metric, baseline_mean),
-        "curves": figures.curves(history, ["train/loss", metric]),
+        "curves": figures.curves(history, ["train/loss", metric]) if not fits else None,
+        "compute": figures.compute_curves(points, metric, {a: b for a, (b, _) in iso.items()}),
         "cost": figures.quality_cost(comparison, metric),
         "tasks": figures.task_heatmaps(finished),
     }
@@ -115,7 +144,10 @@ def build_report(
         "generated": time.strftime("%Y-%m-%d %H:%M"),
         "tracking_uri": mask(data.tracking_uri),
         "parent_url": run_url(data.parent.info.run_id),
-        "rows": display_rows(comparison, finished, run_url),
+        "rows": display_rows(comparison, compared.filter(pl.col("status") == "FINISHED"), run_url),
+        "held": held,
+        "iso": _iso_rows(iso),
+        "multipliers": multipliers,
         "runs": _run_rows(runs, metric, run_url),
         "unfinished": _unfinished(runs, run_url),
         "figures": [(TITLES[name], svgs[name], f"figures/{name}.png") for name in made],
@@ -136,7 +168,21 @@ def build_report(
         _log_to_parent(data, made, comparison, index, markdown)
     for fig in made.values():
         figures.plt.close(fig)
-    return Report(metric, directory, index, markdown, comparison, runs)
+    return Report(metric, directory, index, markdown, comparison, runs, held, iso, multipliers)
+
+
+ISO_TITLES = {"flops": "equal FLOPs", "seconds": "equal training time"}
+
+
+def _iso_rows(iso: dict[str, tuple[float | None, pl.DataFrame]]) -> list[dict]:
+    """The comparisons at equal compute, as the report shows them."""
+    shown = []
+    for axis, (budget, table) in iso.items():
+        if budget is None or table.is_empty():
+            continue
+        at = f"{budget:.3g} FLOPs" if axis == "flops" else f"{budget:,.1f} s of training"
+        shown.append({"title": ISO_TITLES[axis], "at": at, "rows": display_rows(table)})
+    return shown
 
 
 DISPLAY = {  # the comparison as people read it, in the dashboard and in the terminal

@@ -85,13 +85,12 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(frame, metric: str, stats: bool) -> None:
+def _print_table(frame, metric: str, stats: bool, held: str = "") -> None:
     if stats:
         from mta_lab.analysis.report import DISPLAY, display_rows
 
-        table = Table(
-            *DISPLAY.values(), box=None, title=f"{metric} against the baseline", title_justify="left"
-        )
+        title = f"{metric} against the baseline{f', at {held}' if held else ''}"
+        table = Table(*DISPLAY.values(), box=None, title=title, title_justify="left")
         for row in display_rows(frame):
             table.add_row(*("" if row[key] is None else str(row[key]) for key in DISPLAY))
         common.console().print(table)
@@ -128,7 +127,25 @@ def _report(args: argparse.Namespace) -> int:
             runs_dir=args.runs_dir,
             mlflow_url=args.mlflow_url,
         )
-    _print_table(report.comparison, report.metric, stats=True)
+    _print_table(report.comparison, report.metric, stats=True, held=report.held)
+    for axis, (budget, table) in report.iso.items():
+        if budget is not None and not table.is_empty():
+            at = f"{budget:.3g} FLOPs" if axis == "flops" else f"{budget:,.1f} s of training"
+            console.print(
+                f"\n[bold]At equal {'FLOPs' if axis == 'flops' else 'training time'}[/bold] ({at}, the most every run reached):"
+            )
+            for row in table.filter(table["variant"] != "baseline").iter_rows(named=True):
+                delta = (
+                    ""
+                    if row["delta"] is None
+                    else f"delta {row['delta']:+.4g} [{row['delta_low']:.4g}, {row['delta_high']:.4g}], "
+                )
+                console.print(f"  {row['variant']}: {delta}{row['verdict']}", highlight=False)
+    if report.multipliers:
+        console.print("\n[bold]Compute multiplier[/bold] (against the baseline at the top of the ladder):")
+        for row in report.multipliers:
+            unit = "FLOPs" if row["axis"] == "flops" else "time"
+            console.print(f"  {row['variant']} ({unit}): {row['text']}", highlight=False)
     console.print(
         f"dashboard: {report.index.resolve()} (open it in a browser; no server needed)", highlight=False
     )

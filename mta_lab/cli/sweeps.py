@@ -106,9 +106,11 @@ def _gpu_list(text: str) -> list[int]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from mta_lab.config.sweep import Design
     from mta_lab.sweep.launcher import launch
+    from mta_lab.sweep.spec import load_sweep
 
-    return launch(
+    code = launch(
         args.sweep,
         profile=args.profile,
         workers=args.workers,
@@ -120,6 +122,28 @@ def _sweep(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         console=common.console(),
     )
+    if code == 0 and not args.dry_run and load_sweep(args.sweep, args.profile).spec.design == Design.scaling:
+        _say_multipliers(args)
+    return code
+
+
+def _say_multipliers(args: argparse.Namespace) -> None:
+    """A scaling sweep ends with its answer: each variant's compute multiplier (the report adds the
+    curves)."""
+    import polars as pl
+
+    from mta_lab.analysis import results_frame, sweep_runs
+    from mta_lab.analysis.scaling import by_rung, ladder_multipliers
+
+    data = sweep_runs(args.sweep, args.profile, args.tracking_uri)
+    runs, _ = by_rung(results_frame(data))
+    rows, _ = ladder_multipliers(runs.filter(pl.col("status") == "FINISHED"), data.sweep.spec.metric.name)
+    console = common.console()
+    console.print("[bold]Compute multiplier[/bold] (against the baseline at the top of the ladder):")
+    for row in rows:
+        unit = "FLOPs" if row["axis"] == "flops" else "time"
+        console.print(f"  {row['variant']} ({unit}): {row['text']}", highlight=False)
+    console.print(f"curves and the comparison at the top rung: mta-lab report {args.sweep}", highlight=False)
 
 
 def _study_name_and_dir(args: argparse.Namespace) -> tuple[str, Path]:

@@ -9,9 +9,10 @@ from mta_lab.config.model import ModelConfig, _check
 from mta_lab.config.runtime import RuntimeConfig
 from mta_lab.config.train import EvalConfig, TrackingConfig, TrainConfig
 
-TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens", "flops", "tokens_per_s")
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens", "flops", "seconds", "tokens_per_s")
 """Logged every ``train.log_every`` steps, after ``train/``; ``flops`` is cumulative training FLOPs
-(forward + backward, analytic: mta_lab.model.flops)."""
+(forward + backward, analytic: mta_lab.model.flops), ``seconds`` cumulative training time on the run's
+device (evaluation and checkpoints excluded; what a time budget counts)."""
 VAL_METRICS = ("loss", "ppl", "bpb")
 """Logged at each evaluation for each corpus (``val/<corpus>/loss``) and averaged (``val/loss``)."""
 

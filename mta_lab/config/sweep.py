@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from mta_lab.config.model import _check
+from mta_lab.config.model import ConfigFieldError, _check
+from mta_lab.config.train import BUDGET_KINDS
 
 
 class Design(str, Enum):
@@ -23,6 +24,19 @@ class Design(str, Enum):
     """Every combination of the axes' values."""
     ofat = "ofat"
     """One factor at a time: the base, then each axis value with the other axes at the base."""
+    scaling = "scaling"
+    """Every cell (the baseline, each variant) on every rung of the ``ladder`` of budgets or model
+    sizes: a curve of the metric against compute per variant, and the compute multiplier."""
+
+
+class Compute(str, Enum):
+    """What a sweep holds equal between its cells."""
+
+    given = "given"
+    """The budget as given: equal steps or tokens (or FLOPs, or seconds, if the budget is one)."""
+    matched = "matched"
+    """Equal FLOPs: every cell gets the FLOPs the baseline spends on the budget, so a cheaper cell
+    trains on more tokens and a costlier one on fewer."""
 
 
 class Goal(str, Enum):
@@ -60,27 +74,55 @@ class MetricSpec:
 
 @dataclass
 class BudgetSpec:
-    """Training length of every run of the sweep; overrides the base's train.steps / train.tokens."""
+    """Training length of every run of the sweep (exactly one of the four); it replaces the base's
+    train.steps / tokens / flops / seconds."""
 
     steps: int | None = None
     """Optimizer steps per run."""
     tokens: int | None = None
     """Training tokens per run."""
+    flops: float | None = None
+    """Training FLOPs per run (forward + backward, analytic)."""
+    seconds: float | None = None
+    """Seconds of training per run on its device (evaluation excluded)."""
 
     def __post_init__(self) -> None:
+        given = [name for name in BUDGET_KINDS if getattr(self, name) is not None]
         _check(
-            (self.steps is None) != (self.tokens is None),
-            "steps",
-            "give budget.steps or budget.tokens (exactly one)",
+            len(given) == 1,
+            given[-1] if given else "steps",
+            f"give exactly one of budget.steps, tokens, flops or seconds (given: {', '.join(given) or 'none'})",
         )
         for name in ("steps", "tokens"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, f"{value} is not a budget; use an integer >= 1")
+        for name in ("flops", "seconds"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, f"{value} is not a budget; use a number > 0")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in BUDGET_KINDS if getattr(self, name) is not None)
 
     def overrides(self) -> list[str]:
-        if self.steps is not None:
-            return [f"train.steps={self.steps}", "train.tokens=null"]
-        return ["train.steps=null", f"train.tokens={self.tokens}"]
+        return [f"train.{name}={_null(getattr(self, name))}" for name in BUDGET_KINDS]
+
+
+def rung_budget(rung: dict[str, Any], where: str) -> BudgetSpec | None:
+    """A ladder rung's budget, if it has one, validated."""
+    if "budget" not in rung:
+        return None
+    given = rung["budget"]
+    unknown = set(given) - set(BUDGET_KINDS) if isinstance(given, dict) else {"?"}
+    _check(not unknown, f"{where}.budget", f"allowed: one of {', '.join(BUDGET_KINDS)}, e.g. {{steps: 400}}")
+    try:
+        return BudgetSpec(**given)
+    except ConfigFieldError as error:
+        raise ConfigFieldError(f"{where}.budget.{error.field}", error.message) from None
+
+
+def _null(value: float | None) -> str:
+    return "null" if value is None else str(value)
 
 
 @dataclass
@@ -173,7 +215,10 @@ class SweepSpec:
     axes: dict[str, list[Any]] = field(default_factory=dict)
     """Dotted keys and the values they take."""
     design: Design = Design.grid
-    """How axes combine: ``grid`` or ``ofat``."""
+    """How axes combine: ``grid`` or ``ofat``; ``scaling`` runs the variants on the ``ladder``."""
+    ladder: list[dict[str, Any]] = field(default_factory=list)
+    """The rungs of a scaling design (at least 3), each a change to every cell: dotted overrides
+    (``{model.dim: 96}``) and/or a budget (``{budget: {steps: 400}}``) that replaces the sweep's."""
     variants: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     """Named overlays of dotted overrides; a variant set to null is removed (e.g. by the cpu block)."""
     baseline: bool = True
@@ -184,10 +229,22 @@ class SweepSpec:
     """What decides: logged at the end of every run."""
     budget: BudgetSpec = field(default_factory=lambda: BudgetSpec(steps=1000))
     """Training length of every run."""
+    compute: Compute = Compute.given
+    """``given`` (the budget as given to every cell) or ``matched`` (every cell gets the baseline's FLOPs
+    on the budget: comparisons at equal compute)."""
     search: SearchSpec | None = None
     """TPE search instead of axes and variants."""
     cpu: dict[str, Any] | None = None
     """Changes to this sweep on a machine without a GPU (the ``cpu`` profile)."""
+
+    @property
+    def held_equal(self) -> str:
+        """What the sweep's comparisons hold equal: ``equal tokens`` (a budget in steps or tokens; steps
+        are equal tokens while the cells share batch and sequence length), ``equal FLOPs`` or
+        ``equal time``."""
+        if self.compute == Compute.matched or self.budget.kind == "flops":
+            return "equal FLOPs"
+        return "equal time" if self.budget.kind == "seconds" else "equal tokens"
 
     def __post_init__(self) -> None:
         _check(bool(self.seeds), "seeds", "the seed list is empty; give at least one seed, e.g. [0, 1, 2]")
@@ -211,3 +268,39 @@ class SweepSpec:
         else:
             has_cells = bool(self.axes) or any(v is not None for v in self.variants.values()) or self.baseline
             _check(has_cells, "axes", "the sweep has no cells: give axes, variants or a search")
+        if self.design == Design.scaling:
+            _check(
+                len(self.ladder) >= 3,
+                "ladder",
+                f"a scaling design needs a ladder of at least 3 rungs (budgets or model sizes), got "
+                f"{len(self.ladder)}",
+            )
+            _check(
+                self.search is None and not self.axes,
+                "design",
+                "scaling takes variants, not axes or a search",
+            )
+            _check(
+                self.compute == Compute.given,
+                "compute",
+                "scaling compares across its own ladder; use compute: given",
+            )
+            for index, rung in enumerate(self.ladder):
+                _check(bool(rung), f"ladder[{index}]", "an empty rung; give overrides or a budget")
+                if "budget" in rung:
+                    rung_budget(rung, f"ladder[{index}]")
+        else:
+            _check(not self.ladder, "ladder", "a ladder needs design: scaling")
+        if self.compute == Compute.matched:
+            _check(
+                self.baseline and self.search is None,
+                "compute",
+                "matched gives every cell the baseline's FLOPs; it needs the baseline (baseline: true) "
+                "and fixed cells (not a search)",
+            )
+            _check(
+                self.budget.kind in ("steps", "tokens"),
+                "compute",
+                f"matched turns the baseline's steps or tokens into FLOPs; with budget.{self.budget.kind} "
+                "every cell already has the same budget (use compute: given)",
+            )

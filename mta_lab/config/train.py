@@ -68,14 +68,26 @@ class ScheduleConfig:
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"{self.min_lr_ratio} must be in [0, 1]")
 
 
+BUDGET_KINDS = ("steps", "tokens", "flops", "seconds")
+"""The ways to say how long a run trains; a config gives exactly one."""
+
+
 @dataclass
 class TrainConfig:
-    """How long and how to train. The budget is ``steps`` or ``tokens``, not both."""
+    """How long and how to train. The budget is one of ``steps``, ``tokens``, ``flops`` or ``seconds``;
+    the others are null. A budget in tokens is rounded up to whole optimizer steps, one in FLOPs to the
+    nearest, and the learning-rate schedule spans whichever budget is given."""
 
     steps: int | None = 1000
     """Budget in optimizer steps."""
     tokens: int | None = None
-    """Budget in training tokens, rounded up to whole optimizer steps; set steps to null to use it."""
+    """Budget in training tokens; set steps to null to use it."""
+    flops: float | None = None
+    """Budget in training FLOPs (forward + backward, analytic: ``mta-lab info`` shows them per token), so
+    that a costlier model trains on fewer tokens; set steps to null to use it."""
+    seconds: float | None = None
+    """Budget in seconds of training on the run's device: evaluation and checkpoints excluded, resumes
+    continue the clock; set steps to null to use it."""
     batch_size: int = 8
     """Sequences per micro-batch."""
     grad_accum: int = 1
@@ -98,15 +110,20 @@ class TrainConfig:
     """Optimizer steps between checkpoints (kept: the last one); null: only at the end."""
 
     def __post_init__(self) -> None:
+        given = {name: getattr(self, name) for name in BUDGET_KINDS if getattr(self, name) is not None}
+        shown = " and ".join(f"{name}={value}" for name, value in given.items()) or "all null"
         _check(
-            (self.steps is None) != (self.tokens is None),
-            "tokens" if self.tokens is not None else "steps",
-            f"the budget is steps={self.steps} and tokens={self.tokens}; give exactly one and set the "
-            "other to null (e.g. train.tokens=null train.steps=300)",
+            len(given) == 1,
+            list(given)[-1] if given else "steps",
+            f"the budget is {shown}; give exactly one of steps, tokens, flops or seconds and set the "
+            "others to null (e.g. train.steps=null train.flops=1e15)",
         )
         for name in ("steps", "tokens"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, f"{value} is not a budget; use an integer >= 1")
+        for name in ("flops", "seconds"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, f"{value} is not a budget; use a number > 0")
         for name in ("batch_size", "grad_accum", "log_every"):
             value = getattr(self, name)
             _check(value >= 1, name, f"{value} is not allowed; use an integer >= 1")
@@ -118,14 +135,13 @@ class TrainConfig:
             f"{self.checkpoint_every} must be >= 1 (or null)",
         )
 
+    @property
+    def budget_kind(self) -> str:
+        """Which of steps, tokens, flops or seconds the budget is given in."""
+        return next(name for name in BUDGET_KINDS if getattr(self, name) is not None)
+
     def tokens_per_step(self, seq_len: int) -> int:
         return self.batch_size * self.grad_accum * seq_len
-
-    def total_steps(self, seq_len: int) -> int:
-        if self.steps is not None:
-            return self.steps
-        assert self.tokens is not None
-        return -(-self.tokens // self.tokens_per_step(seq_len))
 
 
 @dataclass

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from mta_lab.assembly.run_data import load_run_data
 from mta_lab.config import ConfigError
-from mta_lab.config.sweep import Distribution, Goal
+from mta_lab.config.sweep import Compute, Design, Distribution, Goal
 from mta_lab.infra.signals import stop_once
 from mta_lab.infra.tracking import RunRecord, flat_params, resolve_tracking_uri, store_lock
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
@@ -40,6 +40,7 @@ from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_study
 from mta_lab.sweep.tracking import child_runs, client_for, experiment_id, parent_run
 from mta_lab.sweep.worker import recover_orphans
+from mta_lab.train.budget import Budget, resolve_budget
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -136,25 +137,29 @@ def print_plan(
     sweep: Sweep, cells: list[Cell], slots: list[Slot], storage: str, tracking_uri: str, console: Console
 ) -> None:
     spec = sweep.spec
-    first = cells[0].config
-    tokens = first.train.total_steps(first.data.seq_len) * first.train.tokens_per_step(first.data.seq_len)
     console.print(
         f"[bold]{spec.name}[/bold] ({sweep.source}, profile {sweep.profile.value}): {spec.description}",
         highlight=False,
     )
+    budgets = [resolve_budget(cell.config) for cell in cells]
     if spec.search is None:
         table = Table(
             "#",
             "cell",
             "seed",
             "role",
+            "steps",
+            "tokens",
+            "FLOPs",
             "config hash",
             title="Cells = MLflow child runs",
             title_justify="left",
             box=None,
         )
-        for index, cell in enumerate(cells):
-            table.add_row(str(index), cell.label, str(cell.seed), cell.role, cell.config_hash)
+        for index, (cell, budget) in enumerate(zip(cells, budgets, strict=True)):
+            table.add_row(
+                str(index), cell.label, str(cell.seed), cell.role, *_sizes(budget), cell.config_hash
+            )
         console.print(table)
         runs = len(cells)
     else:
@@ -166,10 +171,13 @@ def print_plan(
             table.add_row(key, f"{param.type.value} {shape}{' log' if param.log else ''}")
         console.print(table)
         runs = spec.search.n_trials
+    if spec.design == Design.scaling:
+        length = f"a ladder of {len(spec.ladder)} rungs, {spec.held_equal} on each"
+    else:
+        matched = " (compute: matched)" if spec.compute == Compute.matched else ""
+        length = f"budget {budgets[0].describe()} per run, {spec.held_equal}{matched}"
     console.print(
-        f"base {spec.base}; {first.train.total_steps(first.data.seq_len):,} steps x "
-        f"{first.train.tokens_per_step(first.data.seq_len):,} tokens = {tokens:,} tokens per run; {runs} runs; "
-        f"metric {spec.metric.name} ({spec.metric.goal.value})",
+        f"base {spec.base}; {length}; {runs} runs; metric {spec.metric.name} ({spec.metric.goal.value})",
         highlight=False,
     )
     console.print(
@@ -434,3 +442,10 @@ def _finish_parent(client, parent: str, study, sweep, stopped: str | None = None
     status = stopped or ("FINISHED" if done else "FAILED")
     client.set_terminated(parent, status)
     return status
+
+
+def _sizes(budget: Budget) -> tuple[str, str, str]:
+    """A cell's steps, tokens and FLOPs as the plan shows them (a time budget: its seconds)."""
+    if budget.steps is None:
+        return (f"{budget.seconds:g} s", "", "")
+    return (f"{budget.steps:,}", f"{budget.tokens:,}", f"{budget.flops:.3g}")

@@ -1,5 +1,5 @@
 """What a running sweep shows: a line per finished cell, a bar of finished cells, and one bar per cell
-training on this machine (its step of the total, its latest training loss and the time left), read
+training on this machine (its step of the total or its seconds of a time budget, its latest training loss and the time left), read
 from the progress file its worker follows. Cells that workers on other machines train count in the
 overall bar only."""
 
@@ -24,6 +24,7 @@ from mta_lab.config import ConfigError, load_config
 from mta_lab.sweep.child import PROGRESS_FILE
 from mta_lab.sweep.records import TrialRecord
 from mta_lab.sweep.spec import Sweep
+from mta_lab.train.budget import Budget, resolve_budget
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 TAIL_BYTES = 4096
@@ -46,7 +47,7 @@ class SweepProgress:
         )
         self.bar = self.progress.add_task(sweep.spec.name, total=total, loss="")
         self.cells: dict[int, int] = {}  # trial number -> its bar
-        self.totals: dict[int, int | None] = {}  # trial number -> its steps
+        self.totals: dict[int, Budget | None] = {}  # trial number -> its budget
         self.reported: set[int] = set()
 
     def __enter__(self) -> SweepProgress:
@@ -93,44 +94,49 @@ class SweepProgress:
                 self.progress.remove_task(self.cells.pop(number))
         for number, (_, record) in running.items():
             directory = self.sweep_dir / "cells" / record.cell
-            step, loss = last_step(directory / PROGRESS_FILE)
+            step, loss, seconds = last_step(directory / PROGRESS_FILE)
+            if number not in self.totals:
+                self.totals[number] = cell_budget(directory / "config.yaml")
+            budget = self.totals[number]
+            if budget is None:
+                continue  # trained elsewhere, or not started yet
             if number not in self.cells:
-                if number not in self.totals:
-                    self.totals[number] = total_steps(directory / "config.yaml")
-                if self.totals[number] is None:
-                    continue  # trained elsewhere, or not started yet
-                name = f"  {record.name}"
-                self.cells[number] = self.progress.add_task(name, total=self.totals[number], loss="")
+                total = budget.seconds if budget.steps is None else budget.steps
+                self.cells[number] = self.progress.add_task(f"  {record.name}", total=total, loss="")
             self.progress.update(
-                self.cells[number], completed=step, loss="" if loss is None else f"loss {loss:.3f}"
+                self.cells[number],
+                completed=round(seconds) if budget.steps is None else step,  # a time budget: its seconds
+                loss="" if loss is None else f"loss {loss:.3f}",
             )
 
 
-def last_step(path: Path) -> tuple[int, float | None]:
-    """The latest step and training loss a cell's progress file records (0 and None before any)."""
+def last_step(path: Path) -> tuple[int, float | None, float]:
+    """The latest step, training loss and seconds of training a cell's progress file records (0, None
+    and 0 before any)."""
     try:
         with path.open("rb") as stream:
             stream.seek(max(0, stream.seek(0, 2) - TAIL_BYTES))
             lines = stream.read().decode(errors="replace").splitlines()
     except OSError:
-        return 0, None
-    step, loss = None, None
+        return 0, None, 0.0
+    step, loss, seconds = None, None, 0.0
     for line in reversed(lines):
         try:
             record = json.loads(line)
             step = int(record["step"]) if step is None else step
             loss = record["metrics"].get("train/loss")
+            seconds = float(record["metrics"].get("train/seconds", 0.0))
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # the first line of the tail, cut, or a damaged one
         if loss is not None:
             break
-    return step or 0, loss
+    return step or 0, loss, seconds
 
 
-def total_steps(config_file: Path) -> int | None:
-    """A cell's steps, from the resolved config its worker wrote (None until it exists here)."""
+def cell_budget(config_file: Path) -> Budget | None:
+    """A cell's budget, from the resolved config its worker wrote (None until it exists here)."""
     try:
         config = load_config(str(config_file))
     except ConfigError:
         return None
-    return config.train.total_steps(config.data.seq_len)
+    return resolve_budget(config)

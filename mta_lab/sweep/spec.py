@@ -17,7 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from mta_lab.config import ConfigError, RunConfig, config_hash, load_config
 from mta_lab.config.loading import bundled_names, describe_merge_error, failing_node, find_yaml, read_yaml
 from mta_lab.config.model import ConfigFieldError
-from mta_lab.config.sweep import Design, SweepSpec
+from mta_lab.config.sweep import BudgetSpec, Compute, Design, SweepSpec, rung_budget
+from mta_lab.config.train import BUDGET_KINDS
 
 
 class Profile(str, Enum):
@@ -115,13 +116,11 @@ def _profile_spec(raw: DictConfig, profile: Profile, source: str, path: Path) ->
 
 
 def _whole_budget(node: DictConfig) -> DictConfig:
-    """A budget replaces the one it is merged onto: ``{tokens: N}`` means steps null, not the
-    default steps as well."""
+    """A budget replaces the one it is merged onto: ``{tokens: N}`` means steps null (and flops and
+    seconds), not the default steps as well."""
     budget = node.get("budget")
     if isinstance(budget, DictConfig):
-        node = OmegaConf.merge(
-            node, {"budget": {"steps": budget.get("steps"), "tokens": budget.get("tokens")}}
-        )
+        node = OmegaConf.merge(node, {"budget": {kind: budget.get(kind) for kind in BUDGET_KINDS}})
     return node
 
 
@@ -168,11 +167,57 @@ def expand(sweep: Sweep) -> list[Cell]:
             groups.append((name, "variant", "variants", [f"{k}={_value(v)}" for k, v in overlay.items()]))
     if not spec.axes and not any(v is not None for v in spec.variants.values()) and spec.search is None:
         groups.append(("base", "variant", "base", []))
+    if spec.design == Design.scaling:
+        return [
+            cell(sweep, f"{label}{RUNG}{name}", seed, role, "scaling", [*overrides, *changes], budget)
+            for name, changes, budget in _rungs(sweep)
+            for label, role, _, overrides in groups
+            for seed in spec.seeds
+        ]
+    budget = matched_budget(sweep) if spec.compute == Compute.matched else spec.budget
     return [
-        cell(sweep, label, seed, role, axis, overrides)
+        cell(sweep, label, seed, role, axis, overrides, budget)
         for label, role, axis, overrides in groups
         for seed in spec.seeds
     ]
+
+
+RUNG = " @ "
+"""Between a scaling cell's variant and its rung in its label: ``mta @ steps=400``."""
+
+
+def split_rung(label: str) -> tuple[str, str]:
+    """A scaling cell's (variant, rung) from its label; ("label", "") for other cells."""
+    variant, _, rung = label.partition(RUNG)
+    return variant, rung
+
+
+def _rungs(sweep: Sweep) -> list[tuple[str, list[str], BudgetSpec | None]]:
+    """Each ladder rung's name, overrides and budget (None: the sweep's)."""
+    rungs = []
+    for index, rung in enumerate(sweep.spec.ladder):
+        changes = {key: value for key, value in rung.items() if key != "budget"}
+        try:
+            budget = rung_budget(rung, f"ladder[{index}]")
+        except ConfigFieldError as error:
+            raise ConfigError(f"{sweep.where}: {error}") from None
+        keys = list(changes)
+        parts = [f"{_short(keys, key)}={_show(value)}" for key, value in changes.items()]
+        if budget is not None:
+            parts.append(f"{budget.kind}={_show(getattr(budget, budget.kind))}")
+        rungs.append((" ".join(parts), [f"{k}={_value(v)}" for k, v in changes.items()], budget))
+    return rungs
+
+
+def matched_budget(sweep: Sweep) -> BudgetSpec:
+    """``compute: matched``: the FLOPs the baseline spends on the sweep's budget, for every cell."""
+    # FLOP counts come from the model library, which loads torch: only compute-matched sweeps pay for
+    # it when a sweep file is read.
+    from mta_lab.train.budget import resolve_budget
+
+    spec = sweep.spec
+    baseline = cell(sweep, "baseline", spec.seeds[0], "baseline", "baseline", ["model.mta=null"])
+    return BudgetSpec(flops=resolve_budget(baseline.config).flops)
 
 
 def search_cell(sweep: Sweep, params: dict[str, Any], seed: int) -> Cell:
@@ -182,13 +227,22 @@ def search_cell(sweep: Sweep, params: dict[str, Any], seed: int) -> Cell:
     return cell(sweep, label, seed, "variant", "search", [f"{k}={_value(v)}" for k, v in params.items()])
 
 
-def cell(sweep: Sweep, label: str, seed: int, role: str, axis: str, overrides: list[str]) -> Cell:
-    """A validated cell: base <- fixed <- the cell's overrides <- budget <- seed."""
+def cell(
+    sweep: Sweep,
+    label: str,
+    seed: int,
+    role: str,
+    axis: str,
+    overrides: list[str],
+    budget: BudgetSpec | None = None,
+) -> Cell:
+    """A validated cell: base <- fixed <- the cell's overrides <- budget (the sweep's unless given)
+    <- seed."""
     spec = sweep.spec
     fixed = [f"{key}={_value(value)}" for key, value in spec.fixed.items()]
     seeding = [f"train.seed={seed}", f"data.seed={seed}"]
     tracking = [f"tracking.experiment={spec.name}"]
-    everything = (*fixed, *overrides, *spec.budget.overrides(), *seeding, *tracking)
+    everything = (*fixed, *overrides, *(budget or spec.budget).overrides(), *seeding, *tracking)
     try:
         config = load_config(spec.base, everything)
     except ConfigError as error:

@@ -13,7 +13,7 @@ import torch
 from mta_lab.config import RunConfig
 from mta_lab.config.train import Decay, ScheduleConfig
 from mta_lab.model import Transformer
-from mta_lab.model.flops import training_flops_per_token
+from mta_lab.train.budget import Budget, TrainingClock, resolve_budget
 from mta_lab.train.evaluate import Evaluator, masked_mean_nll
 
 
@@ -22,9 +22,14 @@ def lr_factor(step: int, total: int, schedule: ScheduleConfig) -> float:
     min_lr_ratio at the last step."""
     if step < schedule.warmup_steps:
         return (step + 1) / schedule.warmup_steps
+    return decay_factor((step - schedule.warmup_steps) / max(1, total - 1 - schedule.warmup_steps), schedule)
+
+
+def decay_factor(progress: float, schedule: ScheduleConfig) -> float:
+    """Multiplier of the peak lr after warmup, at ``progress`` (0 to 1) through the rest of the budget."""
     if schedule.decay == Decay.constant:
         return 1.0
-    progress = min(1.0, (step - schedule.warmup_steps) / max(1, total - 1 - schedule.warmup_steps))
+    progress = min(1.0, max(0.0, progress))
     shape = 1 - progress if schedule.decay == Decay.linear else 0.5 * (1 + math.cos(math.pi * progress))
     return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape
 
@@ -39,13 +44,15 @@ class LanguageModel(L.LightningModule):
     def __init__(
         self,
         config: RunConfig,
-        total_steps: int,
+        budget: Budget | None = None,
         evaluator: Evaluator | None = None,
         device: torch.device | None = None,
     ):
-        """``device`` is where the model will train: its layers' execution paths are chosen for it."""
+        """``budget`` defaults to the config's; ``device`` is where the model will train: its layers'
+        execution paths are chosen for it."""
         super().__init__()
-        self.config, self.total_steps, self.evaluator = config, total_steps, evaluator
+        self.budget = budget or resolve_budget(config)
+        self.config, self.evaluator = config, evaluator
         torch.manual_seed(config.train.seed)  # the init seed; the data order has its own
         self.model = Transformer(config.model, config.runtime, device or torch.device("cpu"))
         # Compiling a separate handle keeps the state dict free of torch.compile's prefixes, so
@@ -53,7 +60,10 @@ class LanguageModel(L.LightningModule):
         self.forward_fn = torch.compile(self.model) if config.train.compile else self.model
         self.tokens_per_row = config.data.seq_len
         # What a token of training costs, analytically (mta_lab.model.flops): compute-matched comparisons.
-        self.flops_per_token = sum(training_flops_per_token(config.model, config.data.seq_len).values())
+        self.flops_per_token = self.budget.flops_per_token
+        # Training time, evaluation excluded (a time budget's clock); the seconds at the end of warmup,
+        # where a time budget's decay starts.
+        self.clock, self._warmup_end_s = TrainingClock(), 0.0
         self._window_loss, self._window_steps, self._last_step = 0.0, 0, 0
         self._step_loss: list[torch.Tensor] = []
         self._window_start = time.perf_counter()
@@ -64,6 +74,27 @@ class LanguageModel(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
+        self.clock.resume()
+
+    def on_train_end(self) -> None:
+        self.clock.pause()
+
+    def done(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is the budget's last."""
+        if self.budget.steps is not None:
+            return step >= self.budget.steps
+        return self.clock.now() >= self.budget.seconds
+
+    def lr_factor(self, step: int) -> float:
+        schedule = self.config.train.schedule
+        if self.budget.steps is not None:
+            return lr_factor(step, self.budget.steps, schedule)
+        if step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if step == schedule.warmup_steps:
+            self._warmup_end_s = self.clock.now()
+        spent = (self.clock.now() - self._warmup_end_s) / max(1e-9, self.budget.seconds - self._warmup_end_s)
+        return decay_factor(spent, schedule)
 
     def wall_time_s(self) -> float:
         return self._wall_before + time.perf_counter() - self._fit_start
@@ -87,9 +118,7 @@ class LanguageModel(L.LightningModule):
             eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, self.total_steps, self.config.train.schedule)
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -107,12 +136,16 @@ class LanguageModel(L.LightningModule):
         self._window_loss += step_loss
         self._window_steps += 1
         self._step_loss = []
-        train = self.config.train
-        if step % train.log_every == 0 or step == self.total_steps:
+        train, last = self.config.train, self.done(step)
+        if step % train.log_every == 0 or last:
             self._log_train(step)
         every = self.config.eval.every
-        if self.evaluator is not None and ((every and step % every == 0) or step == self.total_steps):
+        if self.evaluator is not None and ((every and step % every == 0) or last):
             self._evaluate(step)
+        if last:
+            self.trainer.should_stop = True  # a time budget's end; a step budget's is max_steps too
+        else:
+            self.clock.resume()  # what ran since the step's end (evaluation, checkpoints) is not training
 
     def _log_train(self, step: int) -> None:
         elapsed = time.perf_counter() - self._window_start
@@ -123,6 +156,7 @@ class LanguageModel(L.LightningModule):
             "train/grad_norm": self._grad_norm,
             "train/tokens": tokens,
             "train/flops": tokens * self.flops_per_token,
+            "train/seconds": self.clock.now(),
             "train/tokens_per_s": self._window_tokens / elapsed,
             "sys/peak_memory_mb": peak_memory_mb(self.device),
             "sys/wall_time_s": self.wall_time_s(),
@@ -146,6 +180,7 @@ class LanguageModel(L.LightningModule):
         # Dropout draws from torch's global generators: resuming restores them for an exact replay.
         # (Data and tasks use their own seeded generators; nothing else is random in training.)
         checkpoint["wall_time_s"] = self.wall_time_s()
+        checkpoint["training_clock"] = {"seconds": self.clock.now(), "warmup_end_s": self._warmup_end_s}
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -154,6 +189,9 @@ class LanguageModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._last_step = checkpoint["global_step"]
         self._wall_before = checkpoint.get("wall_time_s", 0.0)
+        clock = checkpoint.get("training_clock", {})
+        self.clock = TrainingClock(clock.get("seconds", 0.0))
+        self._warmup_end_s = clock.get("warmup_end_s", 0.0)
         rng = checkpoint.get("rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

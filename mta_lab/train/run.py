@@ -34,6 +34,7 @@ from mta_lab.infra.signals import stop_once
 from mta_lab.infra.tracking import RunRecord, config_hash, flat_params, manifest, resolve_tracking_uri
 from mta_lab.model.execution import plan_execution, unmet_requirement
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
+from mta_lab.train.budget import Budget, resolve_budget
 from mta_lab.train.device import training_device
 from mta_lab.train.evaluate import Evaluator
 from mta_lab.train.loggers import MlflowLogger
@@ -79,26 +80,36 @@ class MixtureData(L.LightningDataModule):
         )
 
 
-class StepProgress(Callback):
-    """A progress bar over optimizer steps, with loss and throughput."""
+class PauseClock(Callback):
+    """First of the callbacks: a step's end stops the training clock, so that checkpoints and the
+    module's evaluation after it are not training time (the module starts the clock again)."""
 
-    def __init__(self, total_steps: int, enabled: bool):
-        self.total_steps, self.enabled, self.bar = total_steps, enabled, None
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        module.clock.pause()
+
+
+class StepProgress(Callback):
+    """A progress bar over optimizer steps (over seconds of training for a time budget), with loss."""
+
+    def __init__(self, budget: Budget, enabled: bool):
+        self.budget, self.enabled, self.bar = budget, enabled, None
 
     def on_train_start(self, trainer, module) -> None:
+        timed = self.budget.steps is None
         self.bar = tqdm(
-            total=self.total_steps,
-            initial=trainer.global_step,
+            total=self.budget.seconds if timed else self.budget.steps,
+            initial=round(module.clock.now()) if timed else trainer.global_step,
             desc="train",
-            unit="step",
+            unit="s" if timed else "step",
             disable=not self.enabled,
             # Into a log file or a pipe, a line every half minute rather than a redraw every 0.1 s.
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.bar is not None and trainer.global_step > self.bar.n:
-            self.bar.update(trainer.global_step - self.bar.n)
+        done = round(module.clock.now(), 1) if self.budget.steps is None else trainer.global_step
+        if self.bar is not None and done > self.bar.n:
+            self.bar.update(done - self.bar.n)
             loss = float(trainer.callback_metrics.get("loss", float("nan")))
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # drawn with the next update
 
@@ -265,10 +276,10 @@ def fit_run(
             # A run killed before its first checkpoint starts over, in the same MLflow run.
             checkpoint = readable_checkpoint(last, record) if resume else None
 
-            total_steps = config.train.total_steps(config.data.seq_len)
+            budget = resolve_budget(config)
             eval_batch = config.eval.batch_size or config.train.batch_size
             evaluator = Evaluator(run_data, config.eval.batches, eval_batch)
-            module = LanguageModel(config, total_steps, evaluator, device)
+            module = LanguageModel(config, budget, evaluator, device)
             if not resume:  # the cost side of a comparison
                 record.log_metrics(
                     {"model/parameters": sum(p.numel() for p in module.model.parameters())}, step=0
@@ -276,7 +287,7 @@ def fit_run(
             with warnings.catch_warnings():
                 _quiet_lightning()
                 trainer = _trainer(
-                    config, total_steps, [MlflowLogger(record), *loggers], run_dir, device, progress
+                    config, budget, [MlflowLogger(record), *loggers], run_dir, device, progress
                 )
                 trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
             trainer.save_checkpoint(last)
@@ -310,11 +321,9 @@ def _record_start(config: RunConfig, record: RunRecord, run_dir: Path, uri: str,
     record.log_text(json.dumps(facts, indent=2) + "\n", "manifest.json")
 
 
-def _trainer(
-    config: RunConfig, total_steps: int, loggers: list[Logger], run_dir: Path, device, progress: bool
-):
+def _trainer(config: RunConfig, budget: Budget, loggers: list[Logger], run_dir: Path, device, progress: bool):
     train = config.train
-    callbacks: list[Callback] = [StepProgress(total_steps, progress)]
+    callbacks: list[Callback] = [PauseClock(), StepProgress(budget, progress)]
     if train.checkpoint_every is not None:
         callbacks.append(
             ModelCheckpoint(
@@ -328,7 +337,7 @@ def _trainer(
         accelerator=device.type,
         devices=torch.cuda.device_count() if device.type == "cuda" else 1,  # a sweep slot's GPUs, or one
         precision=lightning_precision(train.precision, device),
-        max_steps=total_steps,
+        max_steps=-1 if budget.steps is None else budget.steps,  # a time budget: the module stops it
         max_epochs=-1,
         accumulate_grad_batches=train.grad_accum,
         gradient_clip_val=train.grad_clip,
