@@ -80,6 +80,7 @@ LAYERS = (
     "kernels",
     "model",
     "data",
+    "hf",
     "tasks",
     "assembly",
     "train",

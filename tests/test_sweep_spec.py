@@ -22,6 +22,7 @@ SHIPPED = [
     "lr",
     "scaling",
     "equal_compute",
+    "continual",
 ]
 
 

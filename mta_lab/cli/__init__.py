@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from mta_lab.cli import analysis, common, models, runs, sweeps
+from mta_lab.cli import analysis, checkpoints, common, models, runs, sweeps
 from mta_lab.config import ConfigError, preset_names
 from mta_lab.data.errors import DataError
 from mta_lab.secrets import mask
@@ -54,4 +54,5 @@ def _parser() -> argparse.ArgumentParser:
     analysis.register(commands)
     runs.register(commands)
     models.register(commands)
+    checkpoints.register(commands)
     return parser

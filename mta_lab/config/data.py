@@ -35,6 +35,9 @@ class TokenizerKind(str, Enum):
     """Byte-level BPE trained locally on the training text (``tokenizers``), cached by corpus hash."""
     char = "char"
     """The toy task's 32-symbol alphabet (a-z . # _ BOS EOS PAD), as in the official toy code."""
+    pretrained = "pretrained"
+    """A pretrained model's own ``tokenizer.json`` (``path``; ``mta-lab import`` sets it), loaded
+    offline, with the model's BOS and EOS ids (``bos_id``, ``eos_id``)."""
 
 
 @dataclass
@@ -44,16 +47,32 @@ class TokenizerConfig:
     vocab_size: int = 4096
     """BPE vocabulary size, special tokens included (bpe only)."""
     path: str | None = None
-    """A trained BPE ``tokenizer.json`` to use instead of training one (bpe only)."""
+    """A ``tokenizer.json``: a trained BPE to use instead of training one (bpe), or a pretrained
+    model's (pretrained)."""
+    bos_id: int | None = None
+    """The pretrained tokenizer's beginning-of-sequence id (pretrained only)."""
+    eos_id: int | None = None
+    """The pretrained tokenizer's end-of-sequence id, also used to pad (pretrained only)."""
 
     def __post_init__(self) -> None:
         _check(
             self.vocab_size >= 260, "vocab_size", f"{self.vocab_size} must be >= 260 (256 bytes + specials)"
         )
         _check(
-            self.path is None or self.kind == TokenizerKind.bpe,
+            self.path is None or self.kind in (TokenizerKind.bpe, TokenizerKind.pretrained),
             "path",
-            f"a tokenizer file is used only with kind=bpe, not kind={self.kind.value}",
+            f"a tokenizer file is used only with kind=bpe or pretrained, not kind={self.kind.value}",
+        )
+        pretrained = self.kind == TokenizerKind.pretrained
+        _check(
+            not pretrained or (self.path is not None and self.bos_id is not None and self.eos_id is not None),
+            "path",
+            "kind=pretrained needs path (its tokenizer.json), bos_id and eos_id (mta-lab import sets them)",
+        )
+        _check(
+            pretrained or (self.bos_id is None and self.eos_id is None),
+            "bos_id",
+            f"bos_id and eos_id belong to kind=pretrained, not kind={self.kind.value}",
         )
 
 

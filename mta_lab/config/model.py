@@ -329,6 +329,9 @@ class ModelConfig:
     """SwiGLU hidden = round_up(multiple_of, int(ffn_mult * int(2 * 4 * dim / 3)))."""
     multiple_of: int = 256
     """Rounding of the SwiGLU hidden size."""
+    ffn_hidden_size: int | None = None
+    """The SwiGLU hidden size itself, instead of ffn_mult and multiple_of (an imported model's
+    ``intermediate_size``); null: from those."""
     norm_eps: float = 1e-5
     """Epsilon of the block and final RMSNorms."""
     rope_theta: float = 10_000.0
@@ -360,6 +363,11 @@ class ModelConfig:
             value = getattr(self, name)
             _check(value >= 1, name, f"{value} is not allowed; use an integer >= 1")
         _check(self.ffn_mult > 0, "ffn_mult", f"{self.ffn_mult} must be > 0")
+        _check(
+            self.ffn_hidden_size is None or self.ffn_hidden_size >= 1,
+            "ffn_hidden_size",
+            f"{self.ffn_hidden_size} is not allowed; use an integer >= 1 (or null)",
+        )
         # Every layer is a module built in Python, even on the meta device: a million would hang `info`.
         _check(
             self.n_layers <= MAX_LAYERS,
@@ -422,6 +430,8 @@ class ModelConfig:
 
     @property
     def ffn_hidden(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
         hidden = int(self.ffn_mult * int(2 * 4 * self.dim / 3))
         return self.multiple_of * -(-hidden // self.multiple_of)
 

@@ -199,6 +199,21 @@ class SearchSpec:
 
 
 @dataclass
+class PretrainSpec:
+    """A model trained once, before the cells, that every cell then continues (``train.init_from``):
+    the paper's continual-training protocol (Table 10) without a checkpoint from elsewhere. It is the
+    sweep's base with the sweep's ``fixed`` overrides and plain attention; MTA stages the cells add
+    start at identity."""
+
+    budget: BudgetSpec = field(default_factory=lambda: BudgetSpec(steps=1000))
+    """How long the pretraining run trains."""
+    fixed: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the pretraining run only (e.g. a learning rate)."""
+    seed: int = 0
+    """Its seed: one starting point for every cell and seed."""
+
+
+@dataclass
 class SweepSpec:
     name: str = ""
     """Sweep name: the Optuna study and the MLflow experiment; defaults to the file name."""
@@ -234,6 +249,9 @@ class SweepSpec:
     on the budget: comparisons at equal compute)."""
     search: SearchSpec | None = None
     """TPE search instead of axes and variants."""
+    pretrain: PretrainSpec | None = None
+    """Train a plain-attention model first, once, and start every cell from it; null: cells start from
+    their own init (or their base's ``train.init_from``)."""
     cpu: dict[str, Any] | None = None
     """Changes to this sweep on a machine without a GPU (the ``cpu`` profile)."""
 

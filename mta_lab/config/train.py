@@ -104,6 +104,10 @@ class TrainConfig:
     """Run the model through torch.compile."""
     seed: int = 0
     """Seed of the weight init and of dropout."""
+    init_from: str | None = None
+    """Start from these weights (a ``.safetensors`` file of mta-lab's parameter names, as ``mta-lab
+    import`` writes them): every parameter in it must match the model's; MTA stages the file lacks
+    keep their identity init, so step 0 computes what the weights did. Null: a fresh init."""
     log_every: int = 10
     """Optimizer steps between logged training metrics."""
     checkpoint_every: int | None = 100

@@ -1,4 +1,5 @@
-"""Tokenizers that need no download: bytes, the toy task's alphabet, and a BPE trained here.
+"""Tokenizers that need no download: bytes, the toy task's alphabet, a BPE trained here, and a pretrained
+model's own tokenizer.json.
 
 Every tokenizer has BOS, EOS and PAD ids and knows how many UTF-8 bytes each id stands for
 (0 for special ids), which turns a summed loss into bits per byte.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -95,20 +97,15 @@ class CharTokenizer(Tokenizer):
         return lengths
 
 
-class BPETokenizer(Tokenizer):
-    """A byte-level BPE (``tokenizers``): every byte sequence encodes, nothing is unknown."""
-
-    SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
+class _FileTokenizer(Tokenizer):
+    """A ``tokenizer.json`` of the ``tokenizers`` library, used without its special tokens (mta-lab
+    places BOS and EOS itself)."""
 
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HFTokenizer
 
         self.path = path
         self._tokenizer = HFTokenizer.from_file(str(path))
-        self.vocab_size = self._tokenizer.get_vocab_size()
-        self.bos, self.eos, self.pad = (self._tokenizer.token_to_id(s) for s in self.SPECIALS)
-        digest = hashlib.sha256(json.dumps(self._tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
-        self.name = f"bpe-{self.vocab_size}-{digest[:12]}"
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -119,11 +116,51 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
+
+class BPETokenizer(_FileTokenizer):
+    """A byte-level BPE (``tokenizers``): every byte sequence encodes, nothing is unknown."""
+
+    SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.vocab_size = self._tokenizer.get_vocab_size()
+        self.bos, self.eos, self.pad = (self._tokenizer.token_to_id(s) for s in self.SPECIALS)
+        digest = hashlib.sha256(json.dumps(self._tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+        self.name = f"bpe-{self.vocab_size}-{digest[:12]}"
+
     def _byte_lengths(self) -> np.ndarray:
         # A byte-level token's string maps each byte to one printable character (GPT-2's table).
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, index in self._tokenizer.get_vocab().items():
             lengths[index] = 0 if token in self.SPECIALS else len(token)
+        return lengths
+
+
+class PretrainedTokenizer(_FileTokenizer):
+    """A pretrained model's ``tokenizer.json`` with its BOS and EOS ids (EOS also pads: padded positions
+    are never scored). Bits per byte count each token's bytes: byte-level BPEs (GPT-2's table, one
+    character per byte), SentencePiece-style vocabularies ("\u2581" for a space, ``<0xNN>`` byte tokens)."""
+
+    def __init__(self, path: Path, bos: int, eos: int):
+        super().__init__(path)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos, self.eos, self.pad = bos, eos, eos
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.name = f"pretrained-{self.vocab_size}-{digest[:12]}"
+
+    def _byte_lengths(self) -> np.ndarray:
+        spec = json.loads(self._tokenizer.to_str())
+        byte_level = '"ByteLevel"' in json.dumps(spec.get("decoder"))
+        specials = {token["content"] for token in spec.get("added_tokens", []) if token.get("special")}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, index in self._tokenizer.get_vocab(with_added_tokens=True).items():
+            if token in specials:
+                continue
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                lengths[index] = 1
+            else:
+                lengths[index] = len(token) if byte_level else len(token.replace("\u2581", " ").encode())
         return lengths
 
 
@@ -164,6 +201,8 @@ def fixed_tokenizer(config: TokenizerConfig) -> Tokenizer | None:
         return ByteTokenizer()
     if config.kind == TokenizerKind.char:
         return CharTokenizer()
+    if config.kind == TokenizerKind.pretrained:
+        return PretrainedTokenizer(Path(config.path), config.bos_id, config.eos_id)
     if config.path is not None:
         return BPETokenizer(Path(config.path))
     return None

@@ -35,7 +35,16 @@ from mta_lab.infra.tracking import RunRecord, flat_params, resolve_tracking_uri,
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.progress import SweepProgress
 from mta_lab.sweep.records import TrialRecord
-from mta_lab.sweep.spec import Cell, Profile, Sweep, check_metric, expand, load_sweep, search_cell
+from mta_lab.sweep.spec import (
+    Cell,
+    Profile,
+    Sweep,
+    check_metric,
+    expand,
+    load_sweep,
+    pretrain_cell,
+    search_cell,
+)
 from mta_lab.sweep.status import status_table
 from mta_lab.sweep.storage import default_storage, open_study
 from mta_lab.sweep.tracking import child_runs, client_for, experiment_id, parent_run
@@ -176,6 +185,11 @@ def print_plan(
     else:
         matched = " (compute: matched)" if spec.compute == Compute.matched else ""
         length = f"budget {budgets[0].describe()} per run, {spec.held_equal}{matched}"
+    if spec.pretrain is not None:
+        first = resolve_budget(pretrain_cell(sweep).config).describe()
+        console.print(
+            f"first: pretraining the baseline once ({first}); every cell continues it", highlight=False
+        )
     console.print(
         f"base {spec.base}; {length}; {runs} runs; metric {spec.metric.name} ({spec.metric.goal.value})",
         highlight=False,
@@ -216,6 +230,8 @@ def launch(
         raise ConfigError(
             f"--storage {mask(storage)}: SQLite is for one or two workers; use journal:PATH or postgresql://"
         )
+    if sweep.spec.pretrain is not None:  # every cell continues the sweep's own pretrained model
+        cells = expand(sweep, sweep_dir / PRETRAINED)
     print_plan(sweep, cells, slots, storage, uri, console)
     if dry_run:
         console.print("dry run: nothing was started")
@@ -223,6 +239,8 @@ def launch(
 
     with setup_lock(sweep_dir, uri):  # a second launcher waits, then finds everything set up
         study = open_study(sweep, storage, create=True)  # a bad storage stops here, before any MLflow run
+        if sweep.spec.pretrain is not None:
+            _pretrain(sweep, sweep_dir, uri, console)
         client = client_for(uri)
         experiment = experiment_id(client, sweep.spec.name)
         parent = parent_run(client, experiment, sweep, flat_params(sweep.spec, prefix="sweep"))
@@ -246,6 +264,35 @@ def launch(
                 if isinstance(error, MlflowException):
                     return 1
             raise
+
+
+PRETRAINED = "pretrained.safetensors"
+"""A sweep's pretrained weights (``pretrain``), in its directory: what every cell starts from."""
+
+
+def _pretrain(sweep: Sweep, sweep_dir: Path, uri: str, console: Console) -> None:
+    """Train the sweep's pretraining run once (in this process, before any worker starts) and keep its
+    weights; a later launch finds them. An interrupted pretraining run starts over next time."""
+    from mta_lab.hf.convert import export_weights
+    from mta_lab.train.run import train
+
+    weights = sweep_dir / PRETRAINED
+    if weights.is_file():
+        console.print(f"pretrained model: {weights} (trained before)", highlight=False)
+        return
+    first = pretrain_cell(sweep)
+    console.print(f"pretraining the model every cell starts from ({resolve_budget(first.config).describe()})")
+    tags = {"mta.sweep": sweep.spec.name, "mta.study": sweep.study_name, "mta.role": "pretrain"}
+    result = train(
+        first.config,
+        sweep.source,
+        tracking_uri=uri,
+        runs_dir=sweep_dir / "pretrain",
+        run_name=f"{sweep.spec.name}: pretrain",
+        tags=tags,
+    )
+    export_weights(result.run_dir, weights)
+    console.print(f"pretrained model: {weights} (MLflow run {result.run_id})", highlight=False)
 
 
 @contextmanager

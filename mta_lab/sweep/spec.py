@@ -117,10 +117,16 @@ def _profile_spec(raw: DictConfig, profile: Profile, source: str, path: Path) ->
 
 def _whole_budget(node: DictConfig) -> DictConfig:
     """A budget replaces the one it is merged onto: ``{tokens: N}`` means steps null (and flops and
-    seconds), not the default steps as well."""
+    seconds), not the default steps as well; the same for a pretraining run's budget."""
     budget = node.get("budget")
     if isinstance(budget, DictConfig):
         node = OmegaConf.merge(node, {"budget": {kind: budget.get(kind) for kind in BUDGET_KINDS}})
+    pretrain = node.get("pretrain")
+    if isinstance(pretrain, DictConfig) and isinstance(pretrain.get("budget"), DictConfig):
+        budget = pretrain.get("budget")
+        node = OmegaConf.merge(
+            node, {"pretrain": {"budget": {kind: budget.get(kind) for kind in BUDGET_KINDS}}}
+        )
     return node
 
 
@@ -145,9 +151,11 @@ class Cell:
         return f"{self.label} · seed {self.seed}"
 
 
-def expand(sweep: Sweep) -> list[Cell]:
-    """Every cell of an ablation (not a search), each config built and validated now."""
+def expand(sweep: Sweep, init_from: Path | None = None) -> list[Cell]:
+    """Every cell of an ablation (not a search), each config built and validated now; with
+    ``init_from`` (a sweep's pretrained weights) every cell starts from those weights."""
     spec = sweep.spec
+    start = [f"train.init_from={init_from}"] if init_from is not None else []
     groups: list[tuple[str, str, str, list[str]]] = []  # label, role, axis, overrides
     if spec.baseline:
         groups.append(("baseline", "baseline", "baseline", ["model.mta=null"]))
@@ -169,17 +177,24 @@ def expand(sweep: Sweep) -> list[Cell]:
         groups.append(("base", "variant", "base", []))
     if spec.design == Design.scaling:
         return [
-            cell(sweep, f"{label}{RUNG}{name}", seed, role, "scaling", [*overrides, *changes], budget)
+            cell(sweep, f"{label}{RUNG}{name}", seed, role, "scaling", [*start, *overrides, *changes], budget)
             for name, changes, budget in _rungs(sweep)
             for label, role, _, overrides in groups
             for seed in spec.seeds
         ]
     budget = matched_budget(sweep) if spec.compute == Compute.matched else spec.budget
     return [
-        cell(sweep, label, seed, role, axis, overrides, budget)
+        cell(sweep, label, seed, role, axis, [*start, *overrides], budget)
         for label, role, axis, overrides in groups
         for seed in spec.seeds
     ]
+
+
+def pretrain_cell(sweep: Sweep) -> Cell:
+    """The run a sweep with ``pretrain`` trains first: its base and fixed overrides, plain attention."""
+    pretrain = sweep.spec.pretrain
+    changes = ["model.mta=null", *(f"{key}={_value(value)}" for key, value in pretrain.fixed.items())]
+    return cell(sweep, "pretrain", pretrain.seed, "pretrain", "pretrain", changes, pretrain.budget)
 
 
 RUNG = " @ "

@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import resource
 import time
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 
 from mta_lab.config import RunConfig
 from mta_lab.config.train import Decay, ScheduleConfig
+from mta_lab.hf.convert import load_init
 from mta_lab.model import Transformer
 from mta_lab.train.budget import Budget, TrainingClock, resolve_budget
 from mta_lab.train.evaluate import Evaluator, masked_mean_nll
@@ -55,6 +57,8 @@ class LanguageModel(L.LightningModule):
         self.config, self.evaluator = config, evaluator
         torch.manual_seed(config.train.seed)  # the init seed; the data order has its own
         self.model = Transformer(config.model, config.runtime, device or torch.device("cpu"))
+        if config.train.init_from is not None:  # pretrained weights; MTA stages stay at identity
+            load_init(self.model, config.model, Path(config.train.init_from))
         # Compiling a separate handle keeps the state dict free of torch.compile's prefixes, so
         # checkpoints move between compiled and eager runs.
         self.forward_fn = torch.compile(self.model) if config.train.compile else self.model
@@ -74,6 +78,8 @@ class LanguageModel(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
+        if self.config.train.init_from and self.global_step == 0 and self.evaluator is not None:
+            self._evaluate(0)  # what the run starts from: the loaded weights (MTA on top at identity)
         self.clock.resume()
 
     def on_train_end(self) -> None:

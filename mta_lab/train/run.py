@@ -30,6 +30,7 @@ from mta_lab.assembly.run_data import RunData, load_run_data
 from mta_lab.config import ConfigError, RunConfig, load_config, resolved_yaml
 from mta_lab.config.train import Precision
 from mta_lab.data.errors import DataError
+from mta_lab.hf.convert import check_init_from
 from mta_lab.infra.signals import stop_once
 from mta_lab.infra.tracking import RunRecord, config_hash, flat_params, manifest, resolve_tracking_uri
 from mta_lab.model.execution import plan_execution, unmet_requirement
@@ -221,10 +222,12 @@ def train(
 
 
 def _check_runnable(config: RunConfig) -> None:
-    """Kernels this machine cannot run stop the run before anything is recorded."""
+    """Kernels this machine cannot run, or weights that do not fit, stop the run before anything is
+    recorded."""
     unmet = unmet_requirement(config.model, config.runtime, training_device())
     if unmet:
         raise ConfigError(unmet)
+    check_init_from(config)  # the weights a run starts from must fit its model
 
 
 def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = True) -> RunResult:
