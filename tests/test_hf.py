@@ -45,6 +45,7 @@ def hf_model(family: str, tmp_path, *, tied: bool = False, kv_heads: int = 2, se
                 parameter.copy_(1 + 0.3 * torch.randn_like(parameter))
     directory = tmp_path / f"{family}-{'tied' if tied else 'untied'}-{kv_heads}"
     model.save_pretrained(directory, safe_serialization=True)
+    save_tokenizer(directory)
     return directory, model
 
 
@@ -132,6 +133,11 @@ def break_dir(directory, what: str) -> None:
         (directory / "config.json").unlink()
     elif what == "no weights":
         (directory / "model.safetensors").unlink()
+    elif what == "no tokenizer":
+        (directory / "tokenizer.json").unlink()
+    elif what == "small vocabulary":
+        config["vocab_size"] = 200  # the tokenizer has 290 ids
+        config["architectures"] = ["LlamaForCausalLM"]
     elif what == "qwen":
         config["architectures"] = ["Qwen2ForCausalLM"]
     elif what == "rope scaling":
@@ -139,7 +145,7 @@ def break_dir(directory, what: str) -> None:
         config.pop("rope_parameters", None)
     elif what == "bias":
         config["attention_bias"] = True
-    if what in ("qwen", "rope scaling", "bias"):
+    if what in ("qwen", "rope scaling", "bias", "small vocabulary"):
         (directory / "config.json").write_text(json.dumps(config))
 
 
@@ -148,6 +154,8 @@ def break_dir(directory, what: str) -> None:
     [
         ("no config", "config.json: not found"),
         ("no weights", "no *.safetensors weights"),
+        ("no tokenizer", "tokenizer.json: not found: a model continues on text tokenized its own way"),
+        ("small vocabulary", "tok_embeddings.weight is (300, 64), the model's is (200, 64)"),
         ("qwen", "architectures: Qwen2ForCausalLM is not supported (allowed: LlamaForCausalLM"),
         ("rope scaling", "rope_scaling: {'rope_type': 'llama3', 'factor': 8.0} is not supported"),
         ("bias", "attention_bias: True is not supported (mta-lab's attention has no q/k/v/o biases)"),
@@ -199,7 +207,9 @@ def test_training_from_an_import_starts_where_the_model_was_with_or_without_mta(
     """The model's own tokenizer tokenizes the data; step 0 is evaluated; MTA at identity on top
     gives the same validation loss there, and both runs go on to train."""
     directory, _ = hf_model("llama", tmp_path)
-    bos, eos = save_tokenizer(directory)
+    bos, eos = (
+        json.loads((directory / "config.json").read_text())[key] for key in ("bos_token_id", "eos_token_id")
+    )
     preset, _ = import_model(directory, tmp_path / "imported")
     tokenizer = load_config(str(preset)).data.tokenizer
     assert (tokenizer.kind.value, tokenizer.bos_id, tokenizer.eos_id) == ("pretrained", bos, eos)
@@ -228,7 +238,6 @@ def test_a_pretrained_tokenizer_counts_each_tokens_own_bytes(tmp_path):
 
     text = "naïve café: to be or not to be"
     directory, _ = hf_model("llama", tmp_path)
-    save_tokenizer(directory)
     byte_level = PretrainedTokenizer(directory / "tokenizer.json", 0, 1)
     assert int(byte_level.token_bytes[byte_level.encode(text)].sum()) == len(text.encode())
 

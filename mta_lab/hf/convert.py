@@ -53,10 +53,8 @@ def import_model(directory: Path, out: Path) -> tuple[Path, Path]:
     check_finite(state, directory)
     yaml_path, weights_path = out.with_suffix(".yaml"), out.with_suffix(".safetensors")
     tokenizer_path = out.with_name(out.name + ".tokenizer.json")
-    data: dict = {"seq_len": min(1024, model.max_seq_len)}
     tokenizer = _tokenizer_settings(directory, hf, tokenizer_path)
-    if tokenizer is not None:
-        data["tokenizer"] = tokenizer
+    data = {"seq_len": min(1024, model.max_seq_len), "tokenizer": tokenizer}
     preset = {"model": overrides, "train": {"init_from": str(weights_path.resolve())}, "data": data}
     load_config_text = OmegaConf.to_yaml(OmegaConf.create(preset))
     header = (
@@ -65,20 +63,22 @@ def import_model(directory: Path, out: Path) -> tuple[Path, Path]:
         "start at identity.\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:  # a copy beside the weights: the preset outlives the model directory
-        _atomic(tokenizer_path, lambda path: path.write_bytes((directory / "tokenizer.json").read_bytes()))
+    # A copy beside the weights: the preset outlives the model directory.
+    _atomic(tokenizer_path, lambda path: path.write_bytes((directory / "tokenizer.json").read_bytes()))
     _atomic(weights_path, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, str(path)))
     _atomic(yaml_path, lambda path: path.write_text(header + load_config_text))
     load_config(str(yaml_path))  # the preset loads as written (a bug here, not bad input)
     return yaml_path, weights_path
 
 
-def _tokenizer_settings(directory: Path, hf: dict, copy: Path) -> dict | None:
-    """``data.tokenizer`` of the model's own tokenizer.json, or None without one (the preset then keeps
-    mta-lab's byte tokenizer, and says so)."""
+def _tokenizer_settings(directory: Path, hf: dict, copy: Path) -> dict:
+    """``data.tokenizer`` of the model's own tokenizer.json: its data must be tokenized as it was."""
     source = directory / "tokenizer.json"
     if not source.is_file():
-        return None
+        raise DataError(
+            f"{source}: not found: a model continues on text tokenized its own way (tokenizer.json is "
+            "saved with the model by transformers' save_pretrained)"
+        )
     from mta_lab.data.tokenizers import PretrainedTokenizer
 
     bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
