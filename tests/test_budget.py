@@ -144,8 +144,15 @@ def test_a_time_budget_stops_on_its_clock_and_a_resume_continues_it(tmp_path, mo
             raise KeyboardInterrupt
         return original(self, batch, batch_idx)
 
+    evaluate = LanguageModel._evaluate
+
+    def slow_evaluation(self, step):  # evaluation and checkpoints are not training time
+        timer.seconds += 100.0
+        return evaluate(self, step)
+
     monkeypatch.setattr(LanguageModel, "training_step", one_second_each)
-    config = load_config("tiny", [*QUICK, "train.steps=null", "train.seconds=10.5"])
+    monkeypatch.setattr(LanguageModel, "_evaluate", slow_evaluation)
+    config = load_config("tiny", [*QUICK, "train.steps=null", "train.seconds=10.5", "eval.every=2"])
 
     def history(uri, run_id, key):
         return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, key)}
