@@ -91,23 +91,22 @@ def build_report(
             f"no finished run of '{spec.name}' logged '{metric}' (logged: {', '.join(logged)}); choose one with --metric"
         )
 
-    held, multipliers, fits = spec.held_equal, [], {}
-    if spec.design == Design.scaling:
-        runs, top = scaling.by_rung(runs)
-        multipliers, fits = scaling.ladder_multipliers(runs.filter(pl.col("status") == "FINISHED"), metric)
-        held = f"{held}, at the top rung ({top})"
-        compared = runs.filter(pl.col("rung") == top)
-    else:
-        compared = runs
-    comparison = compare(compared, metric, spec.metric.goal)
     history = histories(data, ["train/loss", metric, *AXES.values()])
+    held, multipliers, fits = spec.held_equal, [], {}
     iso: dict[str, tuple[float | None, pl.DataFrame]] = {}
     points = pl.DataFrame()
-    if spec.design != Design.scaling:
+    if spec.design == Design.scaling:  # compared at its top rung; the ladder gives the multipliers
+        runs, top = scaling.by_rung(runs)
+        finished = runs.filter(pl.col("status") == "FINISHED")
+        multipliers, fits = scaling.ladder_multipliers(finished, metric)
+        held = f"{held}, at the top rung ({top})"
+        compared = runs.filter(pl.col("rung") == top)
+    else:  # and at equal FLOPs and equal time, read off the histories
         points = at_compute(history, metric)
         iso = {axis: iso_compute(points, runs, axis, spec.metric.goal) for axis in AXES}
+        compared = runs
+    comparison = compare(compared, metric, spec.metric.goal)
     history = history.filter(pl.col("metric").is_in(["train/loss", metric]))
-    finished = finished if spec.design != Design.scaling else runs.filter(pl.col("status") == "FINISHED")
     baseline_mean = (
         comparison.filter(pl.col("variant") == "baseline")["mean"].first() if comparison.height else None
     )
@@ -146,7 +145,7 @@ def build_report(
         "parent_url": run_url(data.parent.info.run_id),
         "rows": display_rows(comparison, compared.filter(pl.col("status") == "FINISHED"), run_url),
         "held": held,
-        "iso": _iso_rows(iso),
+        "iso": iso_blocks(iso),
         "multipliers": multipliers,
         "runs": _run_rows(runs, metric, run_url),
         "unfinished": _unfinished(runs, run_url),
@@ -174,8 +173,9 @@ def build_report(
 ISO_TITLES = {"flops": "equal FLOPs", "seconds": "equal training time"}
 
 
-def _iso_rows(iso: dict[str, tuple[float | None, pl.DataFrame]]) -> list[dict]:
-    """The comparisons at equal compute, as the report shows them."""
+def iso_blocks(iso: dict[str, tuple[float | None, pl.DataFrame]]) -> list[dict]:
+    """The comparisons at equal compute as the report and the terminal show them: title, where every
+    run was read, and the display rows."""
     shown = []
     for axis, (budget, table) in iso.items():
         if budget is None or table.is_empty():

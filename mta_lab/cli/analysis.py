@@ -112,8 +112,19 @@ def _print_table(frame, metric: str, stats: bool, held: str = "") -> None:
     common.console().print(table)
 
 
+def print_multipliers(rows: list[dict]) -> None:
+    """A scaling sweep's answer: each variant's compute multiplier, in FLOPs and in time."""
+    if not rows:
+        return
+    console = common.console()
+    console.print("\n[bold]Compute multiplier[/bold] (against the baseline at the top of the ladder):")
+    for row in rows:
+        unit = "FLOPs" if row["axis"] == "flops" else "time"
+        console.print(f"  {row['variant']} ({unit}): {row['text']}", highlight=False)
+
+
 def _report(args: argparse.Namespace) -> int:
-    from mta_lab.analysis.report import build_report
+    from mta_lab.analysis.report import build_report, iso_blocks
 
     console = common.console()
     with console.status("reading the runs and drawing the figures ..."):
@@ -128,24 +139,12 @@ def _report(args: argparse.Namespace) -> int:
             mlflow_url=args.mlflow_url,
         )
     _print_table(report.comparison, report.metric, stats=True, held=report.held)
-    for axis, (budget, table) in report.iso.items():
-        if budget is not None and not table.is_empty():
-            at = f"{budget:.3g} FLOPs" if axis == "flops" else f"{budget:,.1f} s of training"
-            console.print(
-                f"\n[bold]At equal {'FLOPs' if axis == 'flops' else 'training time'}[/bold] ({at}, the most every run reached):"
-            )
-            for row in table.filter(table["variant"] != "baseline").iter_rows(named=True):
-                delta = (
-                    ""
-                    if row["delta"] is None
-                    else f"delta {row['delta']:+.4g} [{row['delta_low']:.4g}, {row['delta_high']:.4g}], "
-                )
-                console.print(f"  {row['variant']}: {delta}{row['verdict']}", highlight=False)
-    if report.multipliers:
-        console.print("\n[bold]Compute multiplier[/bold] (against the baseline at the top of the ladder):")
-        for row in report.multipliers:
-            unit = "FLOPs" if row["axis"] == "flops" else "time"
-            console.print(f"  {row['variant']} ({unit}): {row['text']}", highlight=False)
+    for block in iso_blocks(report.iso):
+        console.print(f"\n[bold]At {block['title']}[/bold] ({block['at']}, the most every run reached):")
+        for row in (r for r in block["rows"] if r["verdict"] != "baseline"):
+            delta = f"delta {row['delta_text']}, " if row["delta_text"] else ""
+            console.print(f"  {row['variant']}: {delta}{row['verdict']}", highlight=False)
+    print_multipliers(report.multipliers)
     console.print(
         f"dashboard: {report.index.resolve()} (open it in a browser; no server needed)", highlight=False
     )

@@ -134,15 +134,13 @@ def _say_multipliers(args: argparse.Namespace) -> None:
 
     from mta_lab.analysis import results_frame, sweep_runs
     from mta_lab.analysis.scaling import by_rung, ladder_multipliers
+    from mta_lab.cli.analysis import print_multipliers
 
     data = sweep_runs(args.sweep, args.profile, args.tracking_uri)
     runs, _ = by_rung(results_frame(data))
     rows, _ = ladder_multipliers(runs.filter(pl.col("status") == "FINISHED"), data.sweep.spec.metric.name)
+    print_multipliers(rows)
     console = common.console()
-    console.print("[bold]Compute multiplier[/bold] (against the baseline at the top of the ladder):")
-    for row in rows:
-        unit = "FLOPs" if row["axis"] == "flops" else "time"
-        console.print(f"  {row['variant']} ({unit}): {row['text']}", highlight=False)
     console.print(f"curves and the comparison at the top rung: mta-lab report {args.sweep}", highlight=False)
 
 
