@@ -3,10 +3,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -139,4 +141,112 @@ def postgres(request):
         yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+SLURM_CONF = """\
+ClusterName=mtalab
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={base}/munge/socket
+CredType=cred/munge
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/slurmctld.log
+SlurmdLogFile={base}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+KillWait=30
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=60 State=UP
+"""
+
+
+@pytest.fixture
+def slurm_cluster():
+    """A single-node Slurm cluster on 127.0.0.1 (Debian's slurm-wlm and munge), its configuration and
+    state in a temporary directory; SLURM_CONF points this process and its children at it. CPU only:
+    one node with this machine's cores (Debian's slurmd runs one node per host)."""
+
+    def unavailable(reason: str):
+        if os.environ.get("CI"):
+            pytest.fail(f"Slurm is required in CI: {reason}")
+        pytest.skip(reason)
+
+    daemons = {
+        name: shutil.which(name, path=f"/usr/sbin:{os.environ['PATH']}")
+        for name in ("munged", "slurmctld", "slurmd")
+    }
+    missing = [name for name, path in daemons.items() if path is None]
+    if missing:
+        unavailable(f"no {', '.join(missing)} (apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        unavailable("a single-node Slurm is started here as root (slurmd launches the jobs)")
+    import psutil
+
+    base = Path(tempfile.mkdtemp(prefix="mta-lab-slurm-"))
+    for folder in ("munge", "state", "spool"):
+        (base / folder).mkdir()
+    (base / "munge").chmod(0o755)
+    key = base / "munge" / "key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    host = socket.gethostname().split(".")[0]
+    conf = base / "slurm.conf"
+    conf.write_text(
+        SLURM_CONF.format(
+            host=host,
+            base=base,
+            ctld_port=_free_port(),
+            slurmd_port=_free_port(),
+            cpus=os.cpu_count(),
+            memory=psutil.virtual_memory().total // 2**20 // 2,
+        )
+    )
+    environment = {**os.environ, "SLURM_CONF": str(conf)}
+    munge = [f"--socket={base}/munge/socket", f"--key-file={key}", f"--pid-file={base}/munge/pid"]
+    munge += [f"--log-file={base}/munge/log", f"--seed-file={base}/munge/seed", "--force"]
+    started = [
+        subprocess.run([daemons["munged"], *munge], capture_output=True, text=True, env=environment),
+        subprocess.run([daemons["slurmctld"], "-c", "-i"], capture_output=True, text=True, env=environment),
+        subprocess.run([daemons["slurmd"]], capture_output=True, text=True, env=environment),
+    ]
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    try:
+        problems = [f"{p.args[0]}: {p.stderr.strip()[-300:]}" for p in started if p.returncode]
+        if problems:
+            unavailable("; ".join(problems))
+        deadline = time.time() + 60
+        while (
+            "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout
+        ):
+            if time.time() > deadline:
+                unavailable(f"the node did not come up: {(base / 'slurmd.log').read_text()[-500:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True)
+        for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/pid"):
+            try:
+                os.kill(int((base / pid_file).read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        time.sleep(1)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
         shutil.rmtree(base, ignore_errors=True)

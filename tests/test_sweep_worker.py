@@ -12,8 +12,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mta_lab.config import config_hash, load_config
 from mta_lab.infra.tracking import TrackingClient
-from mta_lab.sweep.launcher import enqueue
+from mta_lab.sweep.launcher import enqueue, plan_slots
 from mta_lab.sweep.records import TrialRecord
 from mta_lab.sweep.spec import Profile, expand, load_sweep
 from mta_lab.sweep.tracking import child_runs, create_child, experiment_id, parent_run
@@ -60,7 +61,7 @@ def worker_setup(tmp_path):
 
     def context(study: optuna.Study) -> Context:
         child = (sys.executable, str(tmp_path / "fake_child.py"))
-        return Context(study, sweep, uri, experiment, parent, tmp_path / "sweep", child)
+        return Context(study, sweep, uri, experiment, parent, tmp_path / "sweep", child=child)
 
     def queued_study() -> optuna.Study:
         study = optuna.create_study()
@@ -147,3 +148,28 @@ def test_a_failing_child_fails_its_trial_with_the_reason_and_the_worker_goes_on(
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2  # the second cell was still tried
     assert {TrialRecord.of(t).error for t in trials} == {"ValueError: the loss is nan"}
+
+
+def test_a_worker_with_several_devices_writes_them_into_the_cell_config_and_keeps_its_hash(
+    worker_setup, tmp_path
+):
+    _, cells, _, _, _, context, queued_study = worker_setup
+    study = queued_study()
+    placed = context(study)
+    placed.devices = 2
+    run_worker(study, placed)
+    for cell in cells:
+        written = (tmp_path / "sweep" / "cells" / cell.config_hash / "config.yaml").read_text()
+        assert "devices: 2" in written and cell.config.runtime.devices == 1  # the cell itself is unchanged
+        assert (
+            config_hash(load_config(str(tmp_path / "sweep" / "cells" / cell.config_hash / "config.yaml")))
+            == cell.config_hash
+        )
+
+
+def test_cpu_slots_with_several_processes_per_trial_share_the_cores(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    slots = plan_slots(None, [], 1, processes_per_trial=2)
+    assert [(s.processes, s.threads, s.devices) for s in slots] == [(2, 2, 2)] * 2  # 2 workers x 2 x 2 = 8
+    assert slots[0].describe() == "CPU, 2 processes of 2 threads"
+    assert [s.devices for s in plan_slots(None, [0, 1, 2, 3], 2)] == [2, 2]  # a GPU group per worker

@@ -37,7 +37,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow experiment and run name."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    """How the attention computes (kernels, tiles): the same numbers every way, not in the config hash."""
+    """How the attention computes (kernels, tiles) and on how many processes: the same numbers every way,
+    not in the config hash."""
 
     def __post_init__(self) -> None:
         tokenizer = self.data.tokenizer
@@ -84,6 +85,13 @@ class RunConfig:
                 f"{tasks.toy_block.length} characters + BOS + EOS do not fit data.seq_len + 1 = "
                 f"{self.data.seq_len + 1} tokens",
             )
+        devices = self.runtime.devices
+        _check(
+            self.train.batch_size % devices == 0,
+            "train.batch_size",
+            f"{self.train.batch_size} sequences do not split evenly between runtime.devices={devices} "
+            "processes; make train.batch_size a multiple of runtime.devices",
+        )
         weights = [c.weight for c in self.data.active_corpora().values()] + [
             t.weight for t in tasks.enabled().values()
         ]

@@ -1,7 +1,8 @@
 """How a run computes, apart from what it computes.
 
 Every setting here gives the same numbers (to rounding) for the same model config: the explicit score
-map, the same map in blocks of query rows, or the fused Triton kernel; cuDNN's or a Triton convolution.
+map, the same map in blocks of query rows, or the fused Triton kernel; cuDNN's or a Triton convolution;
+one process or several sharing each batch.
 So none of them is part of a run's config hash, and two runs that differ only here are the same cell.
 The model library turns them into each layer's execution path once, when the model is built for a
 device (``mta_lab.model.execution``).
@@ -47,7 +48,8 @@ class ScoreConvKernel(str, Enum):
 
 @dataclass
 class RuntimeConfig:
-    """Execution settings of the layers with score-map stages (key-query convolutions, head mixing)."""
+    """Execution settings of the layers with score-map stages (key-query convolutions, head mixing), and
+    the processes a run trains on."""
 
     attention_kernel: AttentionKernel = AttentionKernel.auto
     """Fused kernel, tiled or full reference score map for MTA layers; the same numbers every way."""
@@ -55,7 +57,12 @@ class RuntimeConfig:
     """Query rows per block of the ``tiled`` path (fastest of 64-512 on CPU; memory grows with it)."""
     score_conv: ScoreConvKernel = ScoreConvKernel.auto
     """Kernel of the key-query convolutions on the ``tiled`` path; the same numbers either way."""
+    devices: int = 1
+    """Processes that train the run together with DDP: GPUs on CUDA, CPU processes (gloo) otherwise.
+    ``train.batch_size`` is the global batch, split evenly between them, so a run computes the same thing
+    with any number (up to the order of reductions)."""
 
     def __post_init__(self) -> None:
         rows = self.attention_tile_rows
         _check(rows >= 1, "attention_tile_rows", f"{rows} is not allowed; use an integer >= 1")
+        _check(self.devices >= 1, "devices", f"{self.devices} is not allowed; use an integer >= 1")

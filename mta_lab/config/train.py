@@ -89,7 +89,7 @@ class TrainConfig:
     """Budget in seconds of training on the run's device: evaluation and checkpoints excluded, resumes
     continue the clock; set steps to null to use it."""
     batch_size: int = 8
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, of all processes together (``runtime.devices`` share it)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     grad_clip: float | None = 1.0

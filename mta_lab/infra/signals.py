@@ -10,6 +10,7 @@ run RUNNING forever.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,7 +34,40 @@ class _FirstSignal:
         if self.fired:
             return
         self.fired = True
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if _deferred.depth:
+            _deferred.pending = name
+            return
+        raise Interrupted(name)
+
+
+class _Deferred:
+    depth = 0
+    pending: str | None = None
+
+
+_deferred = _Deferred()
+
+
+@contextmanager
+def stop_after() -> Iterator[None]:
+    """Within the block (in the main thread, where signal handlers run), the first signal of
+    :func:`stop_once` raises at the block's end instead of inside it.
+
+    For calls into a store: an MLflow write interrupted inside its SQLite transaction keeps the file
+    locked until its frames are gone, and the cleanup's own write (the run's KILLED status) then waits
+    on that lock, in the same process, forever (seen in runs that log every step)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferred.depth += 1
+    try:
+        yield
+    finally:
+        _deferred.depth -= 1
+        if _deferred.depth == 0 and _deferred.pending is not None:
+            name, _deferred.pending = _deferred.pending, None
+            raise Interrupted(name)  # also over an error of the block: the stop must not be lost
 
 
 @contextmanager

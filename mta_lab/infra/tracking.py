@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from mta_lab.config import RunConfig, config_hash
+from mta_lab.infra.signals import stop_after
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """An SQLite file in the working directory: what `mlflow ui` and `mta-lab ui` open by default."""
@@ -69,16 +70,21 @@ def _patient(method):
 
     @functools.wraps(method)
     def call(*args, **kwargs):
-        for delay in BUSY_RETRY_DELAYS_S:
-            try:
-                return method(*args, **kwargs)
-            except MlflowException as error:
-                if not any(message in str(error) for message in BUSY_STORE):
-                    raise
-                time.sleep(delay * random.uniform(0.5, 1.5))
-        return method(*args, **kwargs)
+        with stop_after():  # a call cut short by Ctrl-C or SIGTERM could leave the store locked
+            return _retried(method, *args, **kwargs)
 
     return call
+
+
+def _retried(method, *args, **kwargs):
+    for delay in BUSY_RETRY_DELAYS_S:
+        try:
+            return method(*args, **kwargs)
+        except MlflowException as error:
+            if not any(message in str(error) for message in BUSY_STORE):
+                raise
+            time.sleep(delay * random.uniform(0.5, 1.5))
+    return method(*args, **kwargs)
 
 
 _HELD_STORE_LOCKS: set[str] = set()

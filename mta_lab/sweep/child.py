@@ -20,7 +20,7 @@ PROGRESS_FILE = "progress.jsonl"
 def main(argv: list[str]) -> int:
     from mta_lab.assembly.run_data import load_run_data
     from mta_lab.config import load_config
-    from mta_lab.infra.tracking import RunRecord, SilentRecord
+    from mta_lab.infra.tracking import RunRecord
     from mta_lab.secrets import TRACKING_ENV
     from mta_lab.train.loggers import JsonlLogger
     from mta_lab.train.run import CONFIG_FILE, RUN_FILE, fit_run
@@ -31,14 +31,9 @@ def main(argv: list[str]) -> int:
     try:
         config = load_config(str(run_dir / CONFIG_FILE))
         run_data = load_run_data(config)
-        # With several GPUs per trial, Lightning's DDP launcher runs this module again for ranks > 0;
-        # they train but leave the MLflow run to rank 0 (which wrote the manifest before they started).
-        rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-        record = (
-            RunRecord.reopen(info["tracking_uri"], info["run_id"])
-            if rank_zero
-            else SilentRecord(info["run_id"])
-        )
+        # This process is rank 0 of a run on several processes (runtime.devices): fit_run starts the
+        # others (mta_lab.train.ddp), which never run this module.
+        record = RunRecord.reopen(info["tracking_uri"], info["run_id"])
         started = (run_dir / "manifest.json").is_file()  # written when the run first started
         fit_run(
             config,

@@ -10,6 +10,7 @@ Running the same command again resumes: finished cells are skipped, unfinished a
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import signal
 import subprocess
@@ -35,6 +36,15 @@ from mta_lab.infra.tracking import RunRecord, flat_params, resolve_tracking_uri,
 from mta_lab.secrets import STORAGE_ENV, TRACKING_ENV, mask
 from mta_lab.sweep.progress import SweepProgress
 from mta_lab.sweep.records import TrialRecord
+from mta_lab.sweep.slurm import (
+    MAX_JOBS,
+    SlurmOptions,
+    SlurmWorkers,
+    live_jobs,
+    read_jobs,
+    submit,
+    tracking_server,
+)
 from mta_lab.sweep.spec import (
     Cell,
     Profile,
@@ -56,16 +66,26 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 @dataclass
 class Slot:
-    """Where one worker runs: its GPUs (empty on CPU) and its CPU threads."""
+    """Where one worker runs: its GPUs (empty on CPU), its CPU threads per training process, and on
+    CPU how many processes train each cell."""
 
     gpus: tuple[int, ...]
     threads: int
+    processes: int = 1
+
+    @property
+    def devices(self) -> int:
+        """Processes that train each of the worker's cells together (DDP)."""
+        return len(self.gpus) or self.processes
 
     def env(self) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpus)), "OMP_NUM_THREADS": str(self.threads)}
 
     def describe(self) -> str:
-        return f"GPU {','.join(map(str, self.gpus))}" if self.gpus else f"CPU, {self.threads} threads"
+        if self.gpus:
+            return f"GPU {','.join(map(str, self.gpus))}"
+        processes = f"{self.processes} processes of " if self.processes > 1 else ""
+        return f"CPU, {processes}{self.threads} threads"
 
 
 CPU_WORKERS = 4
@@ -73,9 +93,11 @@ CPU_WORKERS = 4
 does not start dozens of training processes against one MLflow store unasked."""
 
 
-def plan_slots(workers: int | None, gpus: list[int] | None, gpus_per_trial: int) -> list[Slot]:
+def plan_slots(
+    workers: int | None, gpus: list[int] | None, gpus_per_trial: int, processes_per_trial: int = 1
+) -> list[Slot]:
     """One worker per group of ``gpus_per_trial`` GPUs; on a CPU machine ``workers`` (by default one
-    per core, up to ``CPU_WORKERS``) share the cores."""
+    per core, up to ``CPU_WORKERS``, fewer with several processes per trial) share the cores."""
     import torch
 
     cores = os.cpu_count() or 1
@@ -92,8 +114,10 @@ def plan_slots(workers: int | None, gpus: list[int] | None, gpus_per_trial: int)
     # Single-threaded workers side by side train small models faster than one worker on every core:
     # on 2 cores, two 1-thread processes trained the toy MTA model at 1.3x the steps per second of one
     # 2-thread process (and start their child processes in parallel).
-    count = workers or min(cores, CPU_WORKERS)
-    return [Slot((), max(1, cores // count)) for _ in range(count)]
+    count = workers or max(1, min(cores, CPU_WORKERS) // processes_per_trial)
+    return [
+        Slot((), max(1, cores // (count * processes_per_trial)), processes_per_trial) for _ in range(count)
+    ]
 
 
 def prepare(name_or_path: str, profile: Profile) -> tuple[Sweep, list[Cell]]:
@@ -143,7 +167,7 @@ def _probe_cell(sweep: Sweep) -> Cell:
 
 
 def print_plan(
-    sweep: Sweep, cells: list[Cell], slots: list[Slot], storage: str, tracking_uri: str, console: Console
+    sweep: Sweep, cells: list[Cell], workers: str, storage: str, tracking_uri: str, console: Console
 ) -> None:
     spec = sweep.spec
     console.print(
@@ -197,7 +221,7 @@ def print_plan(
     console.print(
         f"MLflow: experiment '{spec.name}', parent run '{spec.name} ({sweep.profile.value})' at {mask(tracking_uri)}\n"
         f"Optuna: study '{sweep.study_name}' at {mask(storage)}\n"
-        f"workers: {len(slots)} ({'; '.join(s.describe() for s in slots)})",
+        f"workers: {workers}",
         highlight=False,
     )
 
@@ -209,12 +233,15 @@ def launch(
     workers: int | None = None,
     gpus: list[int] | None = None,
     gpus_per_trial: int = 1,
+    processes_per_trial: int = 1,
+    slurm: SlurmOptions | None = None,
     storage: str | None = None,
     tracking_uri: str | None = None,
     runs_dir: Path = Path("runs"),
     dry_run: bool = False,
     console: Console | None = None,
 ) -> int:
+    """Plan, set up and run a sweep: workers on this machine (``slots``), or Slurm jobs (``slurm``)."""
     console = console or Console()
     sweep, cells = prepare(name_or_path, profile)
     if sweep.profile == Profile.cpu and profile == Profile.auto:
@@ -222,17 +249,22 @@ def launch(
             "[yellow]No GPU: running the sweep's cpu profile (a tiny model and a short budget, minutes on a "
             "CPU); --profile full runs the file's own budget.[/yellow]"
         )
-    slots = plan_slots(workers, gpus, gpus_per_trial)
     sweep_dir = (runs_dir / "sweeps" / sweep.study_name).resolve()
     storage = storage or default_storage(sweep_dir)
     uri = resolve_tracking_uri(tracking_uri)
-    if len(slots) > 2 and storage.startswith("sqlite"):
+    if slurm is None:
+        slots = plan_slots(workers, gpus, gpus_per_trial, processes_per_trial)
+        count, placement = len(slots), f"{len(slots)} ({'; '.join(s.describe() for s in slots)})"
+    else:
+        slots, count = [], slurm.workers or MAX_JOBS
+        placement = slurm.describe()
+    if count > 2 and storage.startswith("sqlite"):
         raise ConfigError(
             f"--storage {mask(storage)}: SQLite is for one or two workers; use journal:PATH or postgresql://"
         )
     if sweep.spec.pretrain is not None:  # every cell continues the sweep's own pretrained model
         cells = expand(sweep, sweep_dir / PRETRAINED)
-    print_plan(sweep, cells, slots, storage, uri, console)
+    print_plan(sweep, cells, placement, storage, uri, console)
     if dry_run:
         console.print("dry run: nothing was started")
         return 0
@@ -247,9 +279,10 @@ def launch(
         queued = _register(sweep, study, cells, uri, experiment, parent, console)
     with stop_once():  # Ctrl-C (the workers get it too) or SIGTERM: stop once, record it once
         try:
-            return _start(
-                sweep, study, cells, slots, storage, uri, runs_dir, sweep_dir, client, parent, queued, console
-            )
+            start = functools.partial(_run_workers, slots, storage, uri, runs_dir, sweep_dir)
+            if slurm is not None:
+                start = functools.partial(_run_jobs, slurm, storage, uri, sweep_dir, queued)
+            return _start(sweep, study, cells, start, client, parent, uri, queued, console)
         except BaseException as error:  # before or after the workers ran: never leave the parent RUNNING
             try:
                 stopped = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
@@ -350,16 +383,14 @@ def _end_abandoned_runs(client, experiment: str, parent: str, study) -> list[str
     return ended
 
 
-def _start(
-    sweep, study, cells, slots, storage, uri, runs_dir, sweep_dir, client, parent, queued, console
-) -> int:
-    """Run the workers and end the parent run."""
+def _start(sweep, study, cells, start, client, parent, uri, queued, console) -> int:
+    """Run the workers (``start``) and end the parent run."""
     if sweep.spec.search is None and not queued and not _waiting(study):
         console.print("every cell is done")
         _finish_parent(client, parent, study, sweep)
         return 0
 
-    code = _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console)
+    code = start(sweep, study, console)
     status = _finish_parent(client, parent, study, sweep, "KILLED" if code == 130 else None, console)
     if code == 1 and status == "FINISHED":
         code = 0  # a worker died, but the others trained its cells: the sweep is complete
@@ -391,31 +422,98 @@ def enqueue(study: optuna.Study, sweep: Sweep, cells: list[Cell]) -> tuple[list[
     return done, queued
 
 
-def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console) -> int:
-    logs = sweep_dir / "workers"
-    logs.mkdir(parents=True, exist_ok=True)
-    processes = []
-    for index, slot in enumerate(slots):
-        command = [
-            sys.executable,
-            "-m",
-            "mta_lab.cli",
-            "worker",
-            sweep.spec.name,
-            "--index",
-            str(index),
-            "--profile",
-            sweep.profile.value,
-            "--runs-dir",
-            str(runs_dir),
-        ]
-        # The stores travel in the environment: a command line is visible to every user (ps).
-        env = {**os.environ, **slot.env(), STORAGE_ENV: storage, TRACKING_ENV: uri}
-        log = (logs / f"worker-{index}.log").open("a")
-        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+class LocalWorkers:
+    """Worker processes on this machine, one per slot."""
+
+    def __init__(
+        self, sweep: Sweep, slots: list[Slot], storage: str, uri: str, runs_dir: Path, sweep_dir: Path
+    ):
+        self.logs = sweep_dir / "workers"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.processes = []
+        for index, slot in enumerate(slots):
+            command = [
+                sys.executable,
+                "-m",
+                "mta_lab.cli",
+                "worker",
+                sweep.spec.name,
+                "--index",
+                str(index),
+                "--devices",
+                str(slot.devices),
+                "--profile",
+                sweep.profile.value,
+                "--runs-dir",
+                str(runs_dir),
+            ]
+            # The stores travel in the environment: a command line is visible to every user (ps).
+            env = {**os.environ, **slot.env(), STORAGE_ENV: storage, TRACKING_ENV: uri}
+            log = (self.logs / f"worker-{index}.log").open("a")
+            self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+
+    @property
+    def where(self) -> str:
+        return str(self.logs)
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.processes)
+
+    def stop(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.processes:
+            p.wait()
+
+    def failed(self) -> list[str]:
+        return [str(i) for i, p in enumerate(self.processes) if p.returncode not in (0, None)]
+
+
+def _run_workers(slots, storage, uri, runs_dir, sweep_dir, sweep, study, console) -> int:
+    return _follow(
+        LocalWorkers(sweep, slots, storage, uri, runs_dir, sweep_dir), study, sweep, sweep_dir, console
+    )
+
+
+def _run_jobs(options: SlurmOptions, storage, uri, sweep_dir, queued, sweep, study, console) -> int:
+    """Submit the sweep's workers as Slurm jobs (joining those of an earlier launch that still run) and
+    follow them; the MLflow store reaches them through a server where it is an SQLite file."""
+    folder = sweep_dir / "slurm"
+    live = live_jobs(folder)
+    wanted = options.workers or max(1, min(MAX_JOBS, queued if sweep.spec.search is None else MAX_JOBS))
+    with tracking_server(uri, sweep_dir) as served:
+        if served != uri:
+            console.print(
+                f"MLflow for the jobs: an `mlflow server` on this host over {mask(uri)}, at {served}; it stops with this command",
+                highlight=False,
+            )
+        jobs = live
+        if len(live) < wanted:
+            new = submit(
+                sweep.study_name,
+                sweep_dir,
+                wanted - len(live),
+                options,
+                storage,
+                served,
+                len(read_jobs(folder)),
+            )
+            jobs = [*live, *new]
+            console.print(f"submitted Slurm jobs {', '.join(new)} (logs in {folder})", highlight=False)
+        if live:
+            console.print(
+                f"following the sweep's Slurm jobs still queued or running: {', '.join(live)}",
+                highlight=False,
+            )
+        return _follow(SlurmWorkers(folder, jobs), study, sweep, sweep_dir, console)
+
+
+def _follow(workers, study, sweep, sweep_dir, console) -> int:
+    """Show the sweep's progress until the workers end; Ctrl-C stops them."""
     try:
         with SweepProgress(study, sweep, sweep_dir, _total(study, sweep), console) as progress:
-            while any(p.poll() is None for p in processes):
+            while workers.running():
                 progress.update()
                 time.sleep(1.0)
             progress.update()
@@ -423,15 +521,14 @@ def _run_workers(sweep, study, slots, storage, uri, runs_dir, sweep_dir, console
         console.print(
             "stopping: workers stop their training runs (marked KILLED); run the same command to resume"
         )
-        for p in processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in processes:
-            p.wait()
+        workers.stop()
         return 130
-    failed = [i for i, p in enumerate(processes) if p.returncode not in (0, None)]
+    failed = workers.failed()
     if failed:
-        console.print(f"[red]workers {failed} stopped with an error: see {logs}[/red]")
+        console.print(
+            f"[red]workers [{', '.join(failed)}] stopped with an error: see {workers.where}[/red]",
+            highlight=False,
+        )
         return 1
     return 0
 

@@ -18,6 +18,7 @@ import psutil
 from optuna.trial import BaseTrial, FrozenTrial
 
 from mta_lab.config import resolved_yaml
+from mta_lab.infra import slurm
 from mta_lab.sweep.spec import Cell
 
 
@@ -29,18 +30,29 @@ class WorkerId:
     pid: int
     started: float | None = None
     """psutil's create_time of the process; None in records of older versions, which had only the pid."""
+    slurm_job: str | None = None
+    """The Slurm job the worker ran in (``JOB_TASK`` in an array); None outside Slurm."""
+    slurm_restarts: int = 0
+    """How often that job had been requeued when the worker started (``SLURM_RESTART_COUNT``)."""
 
     @classmethod
     def here(cls) -> WorkerId:
-        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time(), *slurm.this_job_run())
 
     @property
     def on_this_machine(self) -> bool:
         return self.host == socket.gethostname()
 
     def alive(self) -> bool:
-        """Whether the process still runs. Another machine's worker counts as alive: its storage's
-        heartbeat, if any, decides."""
+        """Whether the process still runs. Another machine's worker counts as alive (its storage's
+        heartbeat, if any, decides) unless it ran in a Slurm job that Slurm says has ended, or that
+        has been requeued since (the job runs again, but with a new worker)."""
+        if self.slurm_job is not None:
+            if slurm.job_running(self.slurm_job) is False:
+                return False
+            job, restarts = slurm.this_job_run()
+            if job == self.slurm_job and restarts > self.slurm_restarts:
+                return False
         if not self.on_this_machine:
             return True
         try:
@@ -102,9 +114,10 @@ class TrialRecord:
         """The attributes that say which cell a trial trains: what a requeued trial carries over."""
         return {key: getattr(self, key) for key in QUEUED}
 
-    def alive(self) -> bool:
-        """Whether the trial's worker is alive (true for other machines' workers and untaken trials)."""
-        return self.worker is None or self.worker.alive()
+    def training(self) -> bool:
+        """Whether the trial's worker still trains its cell: alive (true for other machines' workers
+        and untaken trials), and it has not recorded why it stopped."""
+        return self.error is None and (self.worker is None or self.worker.alive())
 
 
 QUEUED = ("cell", "label", "seed", "role", "axis", "config")

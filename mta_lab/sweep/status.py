@@ -66,6 +66,8 @@ def status_table(study: optuna.Study, sweep: Sweep, cells: list[Cell] | None = N
         for word in ("done", "running", "queued", "failed", "pruned", "pending")
         if counts[word]
     )
+    jobs = {number: _slurm_job(trial) for number, trial in _by_number(states).items()}
+    in_slurm = any(jobs.values())
     table = Table(
         "cell",
         "seed",
@@ -73,13 +75,27 @@ def status_table(study: optuna.Study, sweep: Sweep, cells: list[Cell] | None = N
         metric,
         "trial",
         "MLflow run",
+        *(["Slurm job"] if in_slurm else []),
         box=None,
         title=f"{sweep.study_name}: {len(rows)} cells: {summary}{best}",
         title_justify="left",
     )
     for row in rows:
-        table.add_row(*row)
+        job = jobs.get(int(row[4]), "") if row[4] else ""
+        table.add_row(*row, *([job] if in_slurm else []))
     return table
+
+
+def _by_number(states: dict[str, FrozenTrial]) -> dict[int, FrozenTrial]:
+    return {trial.number: trial for trial in states.values()}
+
+
+def _slurm_job(trial: FrozenTrial) -> str:
+    """The Slurm job that trains or trained the trial's cell; empty outside Slurm and while queued."""
+    worker = TrialRecord.of(trial).worker
+    if worker is None or worker.slurm_job is None or trial.state == TrialState.WAITING:
+        return ""
+    return worker.slurm_job
 
 
 def _row(label: str, seed: int, trial: FrozenTrial | None) -> tuple[str, str, str, str, str, str]:

@@ -9,7 +9,7 @@ the worker goes on with the next cell.
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -26,10 +26,12 @@ import optuna
 from mlflow.exceptions import MlflowException
 from optuna.trial import Trial, TrialState
 
-from mta_lab.config import ConfigError, resolved_yaml
+from mta_lab.config import ConfigError, RunConfig, resolved_yaml
 from mta_lab.config.loading import load_config_text
 from mta_lab.config.sweep import Distribution, SweepSpec
-from mta_lab.infra.signals import stop_once
+from mta_lab.infra import slurm
+from mta_lab.infra.processes import die_with_parent
+from mta_lab.infra.signals import Interrupted, stop_once
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
 from mta_lab.sweep.child import PROGRESS_FILE
 from mta_lab.sweep.records import TrialRecord, WorkerId, record_on
@@ -60,11 +62,15 @@ class Context:
     experiment: str
     parent: str
     sweep_dir: Path
+    devices: int = 1
+    """Processes (GPUs on CUDA) that train each cell together, with DDP: ``runtime.devices``."""
     child: tuple[str, ...] = CHILD
     """The training command; tests give a stand-in that records a result without training."""
 
     @classmethod
-    def load(cls, study: optuna.Study, tracking_uri: str | None, sweep_dir: Path) -> Context:
+    def load(
+        cls, study: optuna.Study, tracking_uri: str | None, sweep_dir: Path, devices: int = 1
+    ) -> Context:
         """What the launcher stored in the study: workers on other machines need nothing else."""
         from omegaconf import OmegaConf
 
@@ -84,7 +90,28 @@ class Context:
             attrs["experiment_id"],
             attrs["parent_run_id"],
             sweep_dir,
+            devices,
         )
+
+
+def join(
+    study_name: str, storage: str, tracking_uri: str | None, sweep_dir: Path, index: int, devices: int
+) -> None:
+    """Be worker ``index`` of the study ``study_name`` (``mta-lab worker``, and each Slurm job)."""
+    from mta_lab.sweep.storage import make_pruner, open_storage
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:
+        raise ConfigError(
+            f"no study '{study_name}' at {mask(storage)}: start it with `mta-lab sweep`"
+        ) from None
+    context = Context.load(study, tracking_uri, sweep_dir, devices)
+    study.pruner = make_pruner(context.sweep.spec)  # Optuna keeps no pruner with the study
+    search = context.sweep.spec.search
+    if search is not None:  # worker k uses seed + k: different points per worker, the same on a rerun
+        study.sampler = optuna.samplers.TPESampler(seed=search.seed + index)
+    run_worker(study, context)
 
 
 def run_worker(study: optuna.Study, context: Context) -> None:
@@ -142,7 +169,7 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
     if run is None:
         run_id = create_child(client, context.experiment, context.parent, context.sweep, cell, trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(resolved_yaml(cell.config))
+        (run_dir / CONFIG_FILE).write_text(resolved_yaml(_placed(cell.config, context.devices)))
         info = {
             "run_id": run_id,
             "tracking_uri": mask(context.tracking_uri),  # the child gets the real one in its environment
@@ -168,10 +195,17 @@ def train_cell(trial: Trial, cell: Cell, context: Context) -> float:
         except optuna.TrialPruned:
             client.set_tag(run_id, "mta.pruned", f"at step {TrialRecord.of(trial).pruned_at}")
             raise
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit) as stop:  # SystemExit: submitit requeues the Slurm job
             _stop(child)
             _end_if_running(client, run_id, "KILLED")  # the child was stopped before it could say so
             record_on(trial, error="stopped (Ctrl-C or SIGTERM); it resumes from its checkpoint next time")
+            if slurm.this_job() is not None:
+                # Slurm stops jobs to preempt them, at their time limit and on scancel: the cell goes
+                # back to the queue at once (this trial no longer counts as training it), for the
+                # requeued job or another worker to resume from its checkpoint.
+                context.study.enqueue_trial({}, user_attrs=TrialRecord.of(trial).queued())
+            if isinstance(stop, SystemExit):
+                raise Interrupted("the Slurm job is being requeued") from None  # Optuna fails the trial
             raise
         finally:
             _stop(child)
@@ -296,7 +330,7 @@ def _suggest(trial: Trial, key: str, param) -> Any:
 def _duplicate_of(study: optuna.Study, number: int, cell_hash: str) -> int | None:
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
         if other.number != number and TrialRecord.of(other).cell == cell_hash:
-            if other.state == TrialState.COMPLETE or TrialRecord.of(other).alive():
+            if other.state == TrialState.COMPLETE or TrialRecord.of(other).training():
                 return other.number
     return None
 
@@ -309,12 +343,13 @@ def _more_work(study: optuna.Study, spec: SweepSpec) -> bool:
 
 
 def recover_orphans(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials whose worker on this machine is gone (storages without heartbeats keep
-    them RUNNING forever) and queue their cells again. Returns the trial numbers."""
+    """Fail the RUNNING trials whose worker is gone (on this machine, or in a Slurm job that ended;
+    storages without heartbeats keep them RUNNING forever) and queue their cells again. Returns the
+    trial numbers."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = TrialRecord.of(trial)
-        if record.worker and record.worker.on_this_machine and not record.worker.alive():
+        if record.worker and not record.worker.alive():  # another machine's: only Slurm can tell
             if not fail_trial(study, trial, "its worker died"):
                 continue  # another worker or launcher got there first, and requeued it
             if record.cell is not None:  # an ablation's cell; a search samples a new point instead
@@ -333,7 +368,17 @@ def _resumable(run_dir: Path, run_id: str) -> bool:
     return path.is_file() and json.loads(path.read_text())["run_id"] == run_id
 
 
+def _placed(config: RunConfig, devices: int) -> RunConfig:
+    """The cell's config as this worker runs it: on ``devices`` processes (how, not what: the cell and
+    its hash are the same)."""
+    if devices == config.runtime.devices:
+        return config
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, devices=devices))
+
+
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when its worker dies, so no training outlives its trial."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """Linux: the child gets SIGTERM when its worker dies, so no training outlives its trial. It
+    ignores SIGUSR2, which Slurm sends every process of a job before its time limit (``--signal``):
+    the worker stops the child when the job is requeued."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    die_with_parent(signal.SIGTERM)

@@ -79,6 +79,10 @@ class TrainingClock:
             self.seconds += TIMER() - self._since
             self._since = None
 
+    @property
+    def running(self) -> bool:
+        return self._since is not None
+
     def now(self) -> float:
         running = 0.0 if self._since is None else TIMER() - self._since
         return self.seconds + running

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as L
+import numpy as np
 import torch
 
 from mta_lab.config import RunConfig
@@ -16,7 +17,7 @@ from mta_lab.config.train import Decay, ScheduleConfig
 from mta_lab.hf.convert import load_init
 from mta_lab.model import Transformer
 from mta_lab.train.budget import Budget, TrainingClock, resolve_budget
-from mta_lab.train.evaluate import Evaluator, masked_mean_nll
+from mta_lab.train.evaluate import Evaluator, masked_mean_nll, token_nll
 
 
 def lr_factor(step: int, total: int, schedule: ScheduleConfig) -> float:
@@ -40,6 +41,12 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The dropout seed of data-parallel rank ``rank`` > 0: distinct from every rank's of every other
+    ``train.seed`` (``seed + rank`` would give rank 1 of seed 0 the masks of seed 1)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 class LanguageModel(L.LightningModule):
@@ -76,6 +83,13 @@ class LanguageModel(L.LightningModule):
         self._wall_before, self._fit_start = 0.0, time.perf_counter()
         self.final_metrics: dict[str, float] = {}
 
+    def setup(self, stage: str) -> None:
+        # Rank 0 keeps the init seed's generator, so one process is rank 0 of one; the others draw
+        # their own dropout masks (identical generators would give every rank's row i the same masks).
+        rank = self.trainer.global_rank
+        if rank > 0:
+            torch.manual_seed(rank_seed(self.config.train.seed, rank))
+
     def on_train_start(self) -> None:
         self._fit_start = time.perf_counter()
         if self.config.train.init_from and self.global_step == 0 and self.evaluator is not None:
@@ -86,7 +100,8 @@ class LanguageModel(L.LightningModule):
         self.clock.pause()
 
     def done(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is the budget's last."""
+        """Whether optimizer step ``step`` is the budget's last (with a time budget, read from a clock that
+        every rank has agreed on)."""
         if self.budget.steps is not None:
             return step >= self.budget.steps
         return self.clock.now() >= self.budget.seconds
@@ -97,10 +112,22 @@ class LanguageModel(L.LightningModule):
             return lr_factor(step, self.budget.steps, schedule)
         if step < schedule.warmup_steps:
             return (step + 1) / schedule.warmup_steps
+        self._agree_on_clock()  # every rank must step with the same learning rate
         if step == schedule.warmup_steps:
             self._warmup_end_s = self.clock.now()
         spent = (self.clock.now() - self._warmup_end_s) / max(1e-9, self.budget.seconds - self._warmup_end_s)
         return decay_factor(spent, schedule)
+
+    def _agree_on_clock(self) -> None:
+        """Every rank takes rank 0's training clock, so that a time budget's schedule and its last step
+        are the same on all of them (their own clocks differ by what each waited)."""
+        if self.budget.steps is not None or self._trainer is None or self.trainer.world_size == 1:
+            return
+        running = self.clock.running
+        self.clock.pause()  # the broadcast's wait is not training
+        self.clock.seconds = self.trainer.strategy.broadcast(self.clock.seconds, src=0)
+        if running:
+            self.clock.resume()
 
     def wall_time_s(self) -> float:
         return self._wall_before + time.perf_counter() - self._fit_start
@@ -109,11 +136,29 @@ class LanguageModel(L.LightningModule):
         return self.forward_fn(inputs_bt)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = masked_mean_nll(self(batch["inputs"]), batch["targets"], batch["mask"])
-        self._step_loss.append(loss.detach())
-        self._window_tokens += batch["inputs"].numel()
-        self.log("loss", loss, prog_bar=True, logger=False)
+        world = self.trainer.world_size
+        if world == 1:
+            loss = masked_mean_nll(self(batch["inputs"]), batch["targets"], batch["mask"])
+            mean = loss.detach()
+        else:
+            loss, mean = self._shared_loss(batch, world)
+        self._step_loss.append(mean)
+        self._window_tokens += batch["inputs"].numel() * world
+        self.log("loss", mean, prog_bar=True, logger=False)
         return loss
+
+    def _shared_loss(self, batch: dict[str, torch.Tensor], world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what this rank back-propagates, the batch's loss) when ``world`` ranks share the batch.
+
+        The batch's loss is the mean NLL over the target positions of all ranks' rows. Ranks' rows hold
+        different numbers of targets (tasks' rows are padded), so a mean of their own means would
+        weigh them wrongly: each rank scales its NLL sum by the batch's target count, times ``world``
+        because DDP averages the gradients."""
+        nll_sum = (token_nll(self(batch["inputs"]), batch["targets"]) * batch["mask"]).sum()
+        local = torch.stack([nll_sum.detach(), batch["mask"].sum().to(nll_sum.dtype)])
+        total_nll, targets = self.trainer.strategy.reduce(local, reduce_op="sum").unbind()
+        targets = targets.clamp(min=1)
+        return nll_sum * world / targets, total_nll / targets
 
     def configure_optimizers(self):
         optim = self.config.train.optim
@@ -142,6 +187,7 @@ class LanguageModel(L.LightningModule):
         self._window_loss += step_loss
         self._window_steps += 1
         self._step_loss = []
+        self._agree_on_clock()
         train, last = self.config.train, self.done(step)
         if step % train.log_every == 0 or last:
             self._log_train(step)
@@ -172,10 +218,13 @@ class LanguageModel(L.LightningModule):
         self._window_start = time.perf_counter()
 
     def _evaluate(self, step: int) -> None:
-        autocast = self.trainer.precision_plugin.forward_context
-        metrics = self.evaluator(self.model, self.device, autocast)
-        self._log(metrics, step)
-        self.final_metrics = metrics
+        """Rank 0 evaluates (every rank holds the same weights); the others wait for it."""
+        if self.trainer.is_global_zero:
+            autocast = self.trainer.precision_plugin.forward_context
+            metrics = self.evaluator(self.model, self.device, autocast)
+            self._log(metrics, step)
+            self.final_metrics = metrics
+        self.trainer.strategy.barrier("evaluate")
         self._window_start = time.perf_counter()  # evaluation time is not training throughput
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
@@ -187,10 +236,15 @@ class LanguageModel(L.LightningModule):
         # (Data and tasks use their own seeded generators; nothing else is random in training.)
         checkpoint["wall_time_s"] = self.wall_time_s()
         checkpoint["training_clock"] = {"seconds": self.clock.now(), "warmup_end_s": self._warmup_end_s}
-        checkpoint["rng"] = {
+        rng = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        checkpoint["rng"] = rng  # rank 0's: only rank 0 writes the checkpoint
+        if self.trainer.world_size > 1:  # every rank calls this hook
+            ranks: list[dict | None] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(ranks, rng)
+            checkpoint["rng_ranks"] = ranks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._last_step = checkpoint["global_step"]
@@ -199,6 +253,11 @@ class LanguageModel(L.LightningModule):
         self.clock = TrainingClock(clock.get("seconds", 0.0))
         self._warmup_end_s = clock.get("warmup_end_s", 0.0)
         rng = checkpoint.get("rng")
+        ranks, rank = checkpoint.get("rng_ranks"), self.trainer.global_rank
+        if ranks is not None and len(ranks) == self.trainer.world_size:
+            rng = ranks[rank]
+        elif rank > 0:
+            rng = None  # saved by fewer ranks: this one keeps the generator setup() seeded
         if rng is not None:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():

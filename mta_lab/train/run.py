@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,17 @@ from mta_lab.config.train import Precision
 from mta_lab.data.errors import DataError
 from mta_lab.hf.convert import check_init_from
 from mta_lab.infra.signals import stop_once
-from mta_lab.infra.tracking import RunRecord, config_hash, flat_params, manifest, resolve_tracking_uri
+from mta_lab.infra.tracking import (
+    RunRecord,
+    SilentRecord,
+    config_hash,
+    flat_params,
+    manifest,
+    resolve_tracking_uri,
+)
 from mta_lab.model.execution import plan_execution, unmet_requirement
 from mta_lab.secrets import TRACKING_ENV, is_masked, mask
+from mta_lab.train import ddp
 from mta_lab.train.budget import Budget, resolve_budget
 from mta_lab.train.device import training_device
 from mta_lab.train.evaluate import Evaluator
@@ -57,7 +66,9 @@ class RunResult:
 
 
 class MixtureData(L.LightningDataModule):
-    """The training stream, restarted at the row the restored optimizer step has reached."""
+    """The training stream, restarted at the row the restored optimizer step has reached. With several
+    ranks, each reads every world-th row of each global batch (``train.batch_size`` rows): together, the
+    rows one process would have read."""
 
     def __init__(self, run_data: RunData):
         super().__init__()
@@ -66,15 +77,13 @@ class MixtureData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self.run_data.config.train
         world = self.trainer.world_size
-        start_row = (
-            self.trainer.global_step * train.grad_accum * train.batch_size * world
-        )  # after any restore
+        start_row = self.trainer.global_step * train.grad_accum * train.batch_size  # after any restore
         stream = TrainStream(self.run_data.mixture(), start_row, self.trainer.global_rank, world)
         # A DataLoader iterator draws a seed from torch's global generator unless it has its own; that
         # draw would shift the dropout masks of a resumed run relative to an uninterrupted one.
         return DataLoader(
             stream,
-            batch_size=train.batch_size,
+            batch_size=train.batch_size // world,  # RunConfig checks that it divides
             collate_fn=collate,
             num_workers=0,
             generator=torch.Generator(),
@@ -227,7 +236,20 @@ def _check_runnable(config: RunConfig) -> None:
     unmet = unmet_requirement(config.model, config.runtime, training_device())
     if unmet:
         raise ConfigError(unmet)
+    _check_devices(config, training_device())
     check_init_from(config)  # the weights a run starts from must fit its model
+
+
+def _check_devices(config: RunConfig, device: torch.device) -> None:
+    """On CUDA, one GPU per process: those this process sees (a sweep slot's, CUDA_VISIBLE_DEVICES)."""
+    devices = config.runtime.devices
+    if device.type == "cuda" and devices > torch.cuda.device_count():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise ConfigError(
+            f"runtime.devices: {devices} processes need {devices} GPUs, but this process sees "
+            f"{torch.cuda.device_count()}{shown}"
+        )
 
 
 def resume(run_dir: Path, *, tracking_uri: str | None = None, progress: bool = True) -> RunResult:
@@ -263,21 +285,31 @@ def fit_run(
     resume: bool,
     progress: bool,
     loggers: Sequence[Logger] = (),
+    rank_of: ddp.SharedRun | None = None,
 ) -> RunResult:
     """Train in an MLflow run that exists (``record``), checkpointing to ``run_dir``. With ``resume``
     the run was started before: continue from its last checkpoint, if it has one. ``loggers`` get
-    the same metrics as MLflow. Every way out sets the run's terminal status."""
+    the same metrics as MLflow. Every way out sets the run's terminal status.
+
+    With ``runtime.devices`` > 1 this process is rank 0 and starts the others (:mod:`mta_lab.train.ddp`);
+    each of them comes back here with ``rank_of``, the run rank 0 shared: it records nothing, and
+    leaves stopping to rank 0."""
     device = training_device()
     status, module = "FAILED", None
-    with stop_once():  # a second Ctrl-C or SIGTERM must not cut the status update short
+    # A second Ctrl-C or SIGTERM must not cut the status update short; a rank > 0 has none to make.
+    with stop_once() if rank_of is None else nullcontext():
         try:
+            _check_devices(config, device)
             last = run_dir / "checkpoints" / "last.ckpt"
-            if not resume:
-                _record_start(config, record, run_dir, uri, device, source)
-            else:  # what an earlier attempt left no longer describes the run
-                record.clear_tags("mta.error", "mta.stopped", "mta.resumed_from")
-            # A run killed before its first checkpoint starts over, in the same MLflow run.
-            checkpoint = readable_checkpoint(last, record) if resume else None
+            if rank_of is not None:
+                checkpoint = None if rank_of.checkpoint is None else Path(rank_of.checkpoint)
+            else:
+                if not resume:
+                    _record_start(config, record, run_dir, uri, device, source)
+                else:  # what an earlier attempt left no longer describes the run
+                    record.clear_tags("mta.error", "mta.stopped", "mta.resumed_from")
+                # A run killed before its first checkpoint starts over, in the same MLflow run.
+                checkpoint = readable_checkpoint(last, record) if resume else None
 
             budget = resolve_budget(config)
             eval_batch = config.eval.batch_size or config.train.batch_size
@@ -290,10 +322,22 @@ def fit_run(
             with warnings.catch_warnings():
                 _quiet_lightning()
                 trainer = _trainer(
-                    config, budget, [MlflowLogger(record), *loggers], run_dir, device, progress
+                    config,
+                    budget,
+                    [MlflowLogger(record), *loggers],
+                    run_dir,
+                    device,
+                    progress and rank_of is None,
                 )
-                trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
-            trainer.save_checkpoint(last)
+                shared = ddp.SharedRun(
+                    record.run_id,
+                    str(run_dir.resolve()),
+                    None if checkpoint is None else str(checkpoint.resolve()),
+                    os.getpid(),
+                )
+                with ddp.ranks_of(trainer, shared):
+                    trainer.fit(module, datamodule=MixtureData(run_data), ckpt_path=checkpoint)
+                    trainer.save_checkpoint(last)  # every rank takes part; rank 0 writes it
             status = "FINISHED"
         except (KeyboardInterrupt, SystemExit, SIGTERMException) as error:
             # Ctrl-C (Lightning exits after its graceful shutdown), SIGTERM: an interruption, not a failure.
@@ -307,6 +351,17 @@ def fit_run(
         finally:
             record.end(status)
     return RunResult(record.run_id, run_dir, uri, status, module.final_metrics if module else {})
+
+
+def join_run(run: ddp.SharedRun) -> None:
+    """Train as a rank > 0 of the run rank 0 shared: its config (from the run directory, where rank 0
+    wrote it before starting this process) and its checkpoint; nothing is recorded."""
+    run_dir = Path(run.run_dir)
+    config = load_config(str(run_dir / CONFIG_FILE))
+    run_data = load_run_data(config)
+    fit_run(
+        config, run_data, SilentRecord(run.run_id), run_dir, "", "", resume=True, progress=False, rank_of=run
+    )
 
 
 def _record_start(config: RunConfig, record: RunRecord, run_dir: Path, uri: str, device, source: str) -> None:
@@ -336,9 +391,11 @@ def _trainer(config: RunConfig, budget: Budget, loggers: list[Logger], run_dir: 
                 save_last=True,
             )
         )
-    return L.Trainer(
+    devices = config.runtime.devices
+    trainer = L.Trainer(
         accelerator=device.type,
-        devices=torch.cuda.device_count() if device.type == "cuda" else 1,  # a sweep slot's GPUs, or one
+        devices=devices,
+        strategy=ddp.strategy(devices),
         precision=lightning_precision(train.precision, device),
         max_steps=-1 if budget.steps is None else budget.steps,  # a time budget: the module stops it
         max_epochs=-1,
@@ -354,12 +411,16 @@ def _trainer(config: RunConfig, budget: Budget, loggers: list[Logger], run_dir: 
         num_sanity_val_steps=0,
         default_root_dir=run_dir,
     )
+    ddp.leave_sigterm_alone(trainer)
+    return trainer
 
 
 def _quiet_lightning() -> None:
     """Lightning's notices about hardware and loaders are noise in this setting."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for message in (
+        ".*`srun` command is available on your system but is not used.*",  # DDP is this machine's
         ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
         ".*does not have many workers.*",
         ".*resuming from a checkpoint that ended before the epoch ended.*",
