@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from test_train import finish
 
 from mta_lab.cli import main
 from mta_lab.config import ConfigError, RuntimeConfig, load_config, resolved_yaml
@@ -157,11 +158,6 @@ def start_child(run_dir: Path, uri: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    output = process.communicate(timeout=timeout)[0]
-    return process.returncode, output
 
 
 @pytest.mark.slow  # three two-process runs: about 45 s

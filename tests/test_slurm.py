@@ -13,6 +13,7 @@ import optuna
 import pytest
 from conftest import sweep_command
 from optuna.trial import TrialState
+from test_sweep_run import QUICK
 
 from mta_lab.cli import main
 from mta_lab.infra import slurm
@@ -21,21 +22,15 @@ from mta_lab.sweep.records import WorkerId
 from mta_lab.sweep.slurm import SlurmOptions, parse_time, sbatch_options
 from mta_lab.sweep.storage import open_storage
 
-SWEEP = """
-base: tiny
-baseline: false
-fixed:
-  data.seq_len: 16
-  data.corpora.stdlib: null
-  eval.batches: 1
-  eval.every: null
-  train.batch_size: 2
-  train.log_every: 1
-  train.checkpoint_every: 5
+# test_sweep_run's quick cells, checkpointed every 5 steps, for 300 steps: long enough to cancel mid-way.
+SWEEP = (
+    QUICK
+    + """  train.checkpoint_every: 5
 variants: {a: {}, b: {model.mta.post_qk_conv: null}}
 seeds: [0]
 budget: {steps: 300}
 """
+)
 
 
 @pytest.mark.parametrize(
